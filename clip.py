@@ -1,0 +1,113 @@
+"""CLIP ViT-B/32 fine-tuned on product photos: a classifier head on the image embeddings (as in the original),
+plus an optional image-text contrastive term pairing each photo with its productDisplayName through CLIP's
+text tower, which keeps the text tower aligned so that the app can answer text queries.
+
+Usage: python clip.py [--from-scratch --image-size 64] [--output-dir runs/clip]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+
+HUB_MODEL = "openai/clip-vit-base-patch32"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, image_size=224, batch_size=64, lr=1e-5, epochs=5)
+    parser.add_argument("--text-loss-weight", type=float, default=0.5,
+                        help="weight of the image-text contrastive term (0 disables; >0 keeps text search working)")
+    parser.add_argument("--max-text-length", type=common.positive_int, default=77)
+    return parser.parse_args(argv)
+
+
+class CLIPClassifier(nn.Module):
+    mean, std = common.CLIP_MEAN, common.CLIP_STD
+
+    def __init__(self, clip, num_classes):
+        super().__init__()
+        self.clip = clip
+        self.head = nn.Linear(clip.config.projection_dim, num_classes)
+
+    def embed(self, images):  # [B, 3, S, S] -> [B, projection_dim]
+        return common.clip_image_features(self.clip, images)
+
+
+def scratch_config(args):
+    """The ViT-B/32 family scaled to a CPU budget: patch 8 at small sizes (64 px -> 8x8 tokens)."""
+    from transformers import CLIPConfig
+
+    patch = 8 if args.image_size <= 96 else 16
+    width, layers, heads = (32, 1, 2) if args.tiny else (256, 6, 4)
+    tokenizer = common.char_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=args.max_text_length,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(image_size=args.image_size, patch_size=patch, hidden_size=width, intermediate_size=4 * width,
+                  num_hidden_layers=layers, num_attention_heads=heads)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width).to_dict()
+
+
+def build_model(args, num_classes, backbone_config=None):
+    from transformers import CLIPConfig, CLIPModel
+
+    if backbone_config is None and (args.from_scratch or args.tiny):
+        backbone_config = scratch_config(args)
+    if backbone_config is not None:
+        clip = CLIPModel(CLIPConfig.from_dict(backbone_config))
+    else:
+        clip = common.load_pretrained(CLIPModel.from_pretrained, args.model or HUB_MODEL, "CLIP model")
+    return CLIPClassifier(clip, num_classes), clip.config.to_dict()
+
+
+def load_tokenizer(args):
+    from transformers import CLIPTokenizer
+
+    if args.from_scratch or args.tiny:
+        return common.char_tokenizer()
+    return common.load_pretrained(CLIPTokenizer.from_pretrained, args.model or HUB_MODEL, "CLIP tokenizer")
+
+
+def export(model, tokenizer, image_size, folder):
+    """A standard save_pretrained folder (model, tokenizer, image processor) that the app loads. Inputs are padded
+    to a white square before the processor's resize, as in training."""
+    from transformers import CLIPImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.clip.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                       image_mean=list(model.mean), image_std=list(model.std)).save_pretrained(folder)
+
+
+def main(argv=None):
+    args = common.prepare(parse_args(argv), "clip")
+    if args.embed_only:
+        return common.embed_only(args, "clip", build_model)
+    tokenizer = load_tokenizer(args)
+    dataset, _ = common.load_processed(args.data)
+    names = dataset["train"]["productDisplayName"][:args.limit or None]
+    tokens = tokenizer([name or "" for name in names], padding="max_length", truncation=True,
+                       max_length=args.max_text_length, return_tensors="pt")  # input_ids [N, L]
+
+    def loss_fn(model, images, labels, rows):
+        image_embeddings = model.embed(images)
+        loss = F.cross_entropy(model.head(image_embeddings).float(), labels)
+        if args.text_loss_weight > 0:
+            text_embeddings = common.clip_text_features(model.clip, tokens["input_ids"][rows].to(images.device),
+                                                        tokens["attention_mask"][rows].to(images.device))
+            logits = model.clip.logit_scale.exp() * F.normalize(image_embeddings.float(), dim=1) \
+                @ F.normalize(text_embeddings.float(), dim=1).T  # [B, B], matching pairs on the diagonal
+            targets = torch.arange(len(rows), device=images.device)
+            loss = loss + args.text_loss_weight * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        return loss
+
+    return common.train_and_export(args, "clip", build_model, loss_fn,
+                                   export=lambda model, run_dir: export(model, tokenizer, args.image_size, run_dir / "hf_model"))
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,167 @@
+"""Prepare the product photos for training: drop undecodable images and classes too small to learn, map the
+label column to ids, split train/val/test stratified by label, and save with ``save_to_disk``.
+
+Usage: python data_preparation.py [--dataset ashraq/fashion-product-images-small | PATH] [--output-dir data/processed]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from common import HUB_DATASET, UserError, atomic_write_json, cli, load_raw_dataset, open_image
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default=HUB_DATASET,
+                        help="hub name, a local folder in the hub layout, or a save_to_disk folder")
+    parser.add_argument("--output-dir", default="data/processed", help="where the splits and label_map.json go")
+    parser.add_argument("--label-column", default="articleType", help="the column whose values are the classes")
+    parser.add_argument("--min-class-size", type=int, default=2,
+                        help="drop classes with fewer rows: a class seen once can never be retrieved correctly")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0, help="the split depends on nothing else")
+    args = parser.parse_args(argv)
+    if args.min_class_size < 1:
+        parser.error("--min-class-size must be at least 1")
+    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
+        parser.error("--val-fraction and --test-fraction must be in [0, 1) and sum to less than 1")
+    return args
+
+
+def decodable_rows(dataset) -> np.ndarray:
+    """Indices of rows whose image decodes (truncated, corrupt or non-image bytes are dropped, not fatal)."""
+    from datasets import Image as ImageFeature
+
+    raw = dataset.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    keep = []
+    for start in tqdm(range(0, len(raw), 1000), desc="check images", unit="batch", leave=False, disable=None):
+        for offset, cell in enumerate(raw[start:start + 1000]["image"]):
+            try:
+                data = cell["bytes"] if cell and cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+                image = Image.open(io.BytesIO(data))
+                if image.format == "JPEG":
+                    image.draft("RGB", (32, 32))  # decodes every byte, at an eighth of the cost
+                open_image(image)
+                keep.append(start + offset)
+            except (ValueError, OSError, TypeError, KeyError, AttributeError):
+                pass
+    return np.asarray(keep, dtype=np.int64)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
+    """Per class: shuffle (seeded), then the first round(n * test) rows to test, the next round(n * val) to val,
+    the rest to train. A class that cannot give every split a row and keep one in train goes to train whole.
+    Returns (split name per row, list of classes kept whole in train)."""
+    rng = np.random.default_rng(seed)
+    assignment = np.full(len(labels), "train", dtype=object)
+    train_only = []
+    for label in sorted(set(labels.tolist())):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        n_test, n_val = int(round(len(rows) * test_fraction)), int(round(len(rows) * val_fraction))
+        if (test_fraction > 0 and n_test == 0) or (val_fraction > 0 and n_val == 0) or len(rows) - n_test - n_val < 1:
+            train_only.append(label)
+            continue
+        assignment[rows[:n_test]] = "test"
+        assignment[rows[n_test:n_test + n_val]] = "val"
+    return assignment, train_only
+
+
+def save_atomically(dataset_dict, output_dir: Path):
+    """save_to_disk into a temp folder beside the target, then swap it in: a crash leaves the old data whole."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    try:
+        dataset_dict.save_to_disk(str(tmp / "data"))
+        return tmp / "data", tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv=None):
+    import datasets
+
+    args = parse_args(argv)
+    dataset = load_raw_dataset(args.dataset)
+    if isinstance(dataset, datasets.DatasetDict):  # a save_to_disk folder of splits: prepare all rows again
+        dataset = datasets.concatenate_datasets([dataset[s] for s in dataset])
+    for column in (args.label_column, "image", "id"):
+        if column not in dataset.column_names:
+            raise UserError(f"{args.dataset} has no column {column!r} (columns: {', '.join(dataset.column_names)})")
+    dataset = dataset.remove_columns([c for c in ("label",) if c in dataset.column_names])
+    total = len(dataset)
+
+    keep = decodable_rows(dataset)
+    undecodable = total - len(keep)
+    dataset = dataset.select(keep)
+    labels = np.asarray([("" if v is None else str(v)) for v in dataset[args.label_column]], dtype=object)
+    has_label = labels != ""
+    counts = Counter(labels[has_label].tolist())
+    small = {label for label, count in counts.items() if count < args.min_class_size}
+    keep = np.flatnonzero(has_label & ~np.isin(labels, list(small)))
+    dataset, labels = dataset.select(keep), labels[keep]
+    if len(dataset) == 0:
+        raise UserError(f"no rows left in {args.dataset} after dropping undecodable images and small classes")
+
+    names = sorted(set(labels.tolist()))
+    label_ids = {name: i for i, name in enumerate(names)}
+    dataset = dataset.add_column("label", [label_ids[v] for v in labels.tolist()])
+    assignment, train_only = stratified_split(labels, args.val_fraction, args.test_fraction, args.seed)
+    # Rows are shuffled within each split (seeded), so that --limit N in the model scripts takes a random sample.
+    rng = np.random.default_rng(args.seed + 1)
+    splits = datasets.DatasetDict({
+        split: dataset.select(rng.permutation(np.flatnonzero(assignment == split)))
+        for split in ("train", "val", "test")})
+    ids = {split: set(splits[split]["id"]) for split in splits}
+    assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"]), \
+        "a product id landed in two splits"
+
+    output_dir = Path(args.output_dir)
+    saved, tmp = save_atomically(splits, output_dir)
+    class_counts = Counter(labels.tolist())
+    atomic_write_json(saved / "label_map.json", {
+        "label_column": args.label_column,
+        "labels": {name: {"id": label_ids[name], "count": class_counts[name]} for name in names},
+        "source": args.dataset, "seed": args.seed, "min_class_size": args.min_class_size,
+        "dropped": {"undecodable_images": undecodable, "missing_label": int((~has_label).sum()),
+                    "small_classes": {label: counts[label] for label in sorted(small)}},
+        "train_only_classes": train_only,
+    })
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        output_dir.rename(old)
+        saved.rename(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        saved.rename(output_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = [("rows in source", total), ("dropped: undecodable image", undecodable),
+            ("dropped: missing label", int((~has_label).sum())),
+            (f"dropped: classes with < {args.min_class_size} rows ({len(small)} classes)", sum(counts[c] for c in small)),
+            ("classes kept", len(names)),
+            (f"classes too small to stratify, all in train", len(train_only))]
+    rows += [(f"{split} rows", len(splits[split])) for split in splits]
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'':<{width}} | count |\n|{'-' * (width + 2)}|------:|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value:>5} |")
+    if train_only:
+        print(f"train-only classes: {', '.join(train_only)}")
+    print(f"saved to {output_dir} (label map: {output_dir / 'label_map.json'})")
+    return splits
+
+
+if __name__ == "__main__":
+    cli(main)

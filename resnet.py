@@ -1,0 +1,53 @@
+"""ResNet-50 fine-tuned as an article-type classifier; the pooled 2048-d feature before the new head is the
+retrieval embedding.
+
+Usage: python resnet.py [--from-scratch --image-size 64] [--output-dir runs/resnet]
+"""
+import argparse
+
+import torch.nn.functional as F
+from torch import nn
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="softer targets: better-spread embeddings")
+    return parser.parse_args(argv)
+
+
+class ResNetClassifier(nn.Module):
+    mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
+
+    def __init__(self, backbone, feature_dim, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def embed(self, images):  # [B, 3, S, S] -> [B, 2048]
+        return self.backbone(images)
+
+    def forward(self, images):  # -> logits [B, classes]
+        return self.head(self.embed(images))
+
+
+def build_model(args, num_classes, backbone_config=None):
+    backbone, feature_dim, config = common.resnet_backbone(args, backbone_config)
+    return ResNetClassifier(backbone, feature_dim, num_classes), config
+
+
+def main(argv=None):
+    args = common.prepare(parse_args(argv), "resnet")
+    if args.embed_only:
+        return common.embed_only(args, "resnet", build_model, channels_last=True)
+
+    def loss_fn(model, images, labels, rows):
+        return F.cross_entropy(model(images).float(), labels, label_smoothing=args.label_smoothing)
+
+    return common.train_and_export(args, "resnet", build_model, loss_fn, channels_last=True)
+
+
+if __name__ == "__main__":
+    common.cli(main)

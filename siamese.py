@@ -1,0 +1,72 @@
+"""Siamese (twin) ResNet-50: one shared backbone and a projection head trained with a margin contrastive loss
+on every positive and negative pair inside class-balanced batches (P classes x K images), no pair list.
+
+Usage: python siamese.py [--from-scratch --image-size 64] [--output-dir runs/siamese]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
+    parser.add_argument("--classes-per-batch", type=common.positive_int, default=16,
+                        help="P: classes in each batch (batch size = P x K; --batch-size is ignored)")
+    parser.add_argument("--per-class", type=common.positive_int, default=4, help="K: images per class in a batch")
+    parser.add_argument("--margin", type=float, default=1.0,
+                        help="negatives closer than this (Euclidean, unit sphere: 0..2) are pushed apart")
+    parser.add_argument("--embedding-dim", type=common.positive_int, default=128)
+    return parser.parse_args(argv)
+
+
+class SiameseNet(nn.Module):
+    mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
+
+    def __init__(self, backbone, feature_dim, embedding_dim):
+        super().__init__()
+        self.backbone = backbone
+        self.projection = nn.Sequential(nn.Linear(feature_dim, 512), nn.ReLU(inplace=True),
+                                        nn.Linear(512, embedding_dim))
+
+    def embed(self, images):  # [B, 3, S, S] -> [B, embedding_dim], unit length
+        return F.normalize(self.projection(self.backbone(images)).float(), dim=1)
+
+
+def contrastive_loss(embeddings, labels, margin):
+    """Hadsell et al. 2006 over all pairs (i < j) of the batch: positives d^2, negatives max(0, margin - d)^2,
+    each averaged over its own pairs so that the ~P times more negatives do not drown the positives."""
+    distance = torch.cdist(embeddings, embeddings).clamp_min(1e-9)  # [B, B]
+    same = labels[:, None] == labels[None, :]
+    upper = torch.ones_like(same).triu(diagonal=1)
+    positive, negative = same & upper, ~same & upper
+    pos_loss = distance[positive].pow(2).mean() if positive.any() else distance.sum() * 0
+    neg_loss = F.relu(margin - distance[negative]).pow(2).mean() if negative.any() else distance.sum() * 0
+    return pos_loss + neg_loss
+
+
+def build_model(args, num_classes, backbone_config=None):
+    backbone, feature_dim, config = common.resnet_backbone(args, backbone_config)
+    return SiameseNet(backbone, feature_dim, args.embedding_dim), config
+
+
+def main(argv=None):
+    args = common.prepare(parse_args(argv), "siamese")
+    if args.embed_only:
+        return common.embed_only(args, "siamese", build_model, channels_last=True)
+
+    def loss_fn(model, images, labels, rows):
+        return contrastive_loss(model.embed(images), labels, args.margin)
+
+    def sampler(train_rows):
+        return common.ClassBalancedBatches(train_rows.labels, args.classes_per_batch, args.per_class, args.seed)
+
+    return common.train_and_export(args, "siamese", build_model, loss_fn, make_sampler=sampler, channels_last=True)
+
+
+if __name__ == "__main__":
+    common.cli(main)
