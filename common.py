@@ -520,6 +520,11 @@ class Run:
             for stale in (self.last, self.best, self.log_path, self.dir / "metrics.json"):
                 stale.unlink(missing_ok=True)
 
+    def trim_log(self, epochs: int):
+        if self.log_path.exists():
+            lines = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["epoch"] <= epochs]
+            atomic_write_text(self.log_path, "".join(line + "\n" for line in lines))
+
     def log(self, record: dict):
         # Append one line; the previous lines stay intact even if this process dies mid-write.
         lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
@@ -573,6 +578,7 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, step, best_score, best_epoch = state["epoch"] + 1, state["step"], state["best_score"], state["best_epoch"]
+        run.trim_log(start_epoch)  # lines of an epoch that was cut short are written again
         print(f"resumed from {run.last} after epoch {state['epoch'] + 1}, step {step}")
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -701,12 +707,14 @@ def embed_splits(model, splits: dict, run_dir, args, channels_last=False):
         write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split))
 
 
-def load_trained(run_dir, build_model, device):
+def load_trained(run_dir, name, build_model, device):
     """Rebuild a trained model from <run_dir>/best.pt without any download: (model, checkpoint state)."""
     path = Path(run_dir) / "best.pt"
     if not path.exists():
         raise UserError(f"--checkpoint {run_dir}: no best.pt there (is it a finished training run?)")
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("script") != name:
+        raise UserError(f"--checkpoint {run_dir} was trained by {state.get('script')}.py, not {name}.py")
     saved_args = argparse.Namespace(**state["args"])
     model, _ = build_model(saved_args, len(state["label_names"]), state["backbone_config"])
     try:
@@ -719,9 +727,7 @@ def load_trained(run_dir, build_model, device):
 def embed_only(args, name, build_model, channels_last=False):
     """--embed-only: embed every split of --data (a processed folder, a hub-layout folder or a hub name; a
     dataset without splits is one split named 'all') with a trained run, writing the same files as training."""
-    model, state = load_trained(args.checkpoint, build_model, args.device_obj)
-    if state.get("script") != name:
-        raise UserError(f"--checkpoint {args.checkpoint} was trained by {state.get('script')}.py, not {name}.py")
+    model, state = load_trained(args.checkpoint, name, build_model, args.device_obj)
     args.image_size = state["image_size"]  # the size the model was trained at
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -1,0 +1,126 @@
+"""Shared fixtures: a small hub-layout dataset of real JPEG bytes that the tests generate, the processed splits,
+and tiny trained runs. No test touches the network: the hub is switched to offline mode before any import."""
+import io
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
+# (articleType, masterCategory, rows): one class of 1 row (dropped), one of 2 (too small to stratify).
+CLASSES = [("Tshirts", "Apparel", 18), ("Shirts", "Apparel", 14), ("Watches", "Accessories", 12),
+           ("Casual Shoes", "Footwear", 12), ("Handbags", "Accessories", 10), ("Caps", "Accessories", 2),
+           ("Ties", "Accessories", 1)]
+COLOURS = {"Red": (200, 30, 30), "Blue": (30, 60, 200), "Green": (30, 160, 60), "Black": (20, 20, 20)}
+
+
+def product_photo(class_index: int, colour, rng, size=64) -> bytes:
+    """A white-background 'product': a class-specific shape in a colour, jittered, saved as JPEG."""
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    jitter = rng.integers(-4, 5, size=4)
+    box = [8 + jitter[0], 8 + jitter[1], size - 8 + jitter[2], size - 8 + jitter[3]]
+    shape = class_index % 4
+    if shape == 0:
+        draw.rectangle(box, fill=colour)
+    elif shape == 1:
+        draw.ellipse(box, fill=colour)
+    elif shape == 2:
+        draw.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=colour)
+    else:
+        draw.rectangle(box, outline=colour, width=6)
+    stripes = class_index // 4 + 1
+    for i in range(stripes):
+        draw.line([(box[0], box[1] + 10 * (i + 1)), (box[2], box[1] + 10 * (i + 1))], fill=(255, 255, 255), width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_hub_dataset(folder: Path, corrupt_rows: int = 1) -> Path:
+    """The hub dataset's layout and columns (data/train-00000-of-00001.parquet with an Image feature)."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    rows = {key: [] for key in ("id", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
+                                "season", "year", "usage", "productDisplayName", "image")}
+    next_id = 10000
+    for class_index, (article, master, count) in enumerate(CLASSES):
+        for i in range(count):
+            colour = list(COLOURS)[i % len(COLOURS)]
+            gender = ("Men", "Women")[i % 2]
+            rows["id"].append(next_id)
+            rows["gender"].append(gender)
+            rows["masterCategory"].append(master)
+            rows["subCategory"].append(master + "Sub")
+            rows["articleType"].append(article)
+            rows["baseColour"].append(colour)
+            rows["season"].append("Summer")
+            rows["year"].append(2012.0)
+            rows["usage"].append("Casual")
+            rows["productDisplayName"].append(f"Brand{i % 3} {gender} {colour} {article}")
+            rows["image"].append({"bytes": product_photo(class_index, COLOURS[colour], rng), "path": None})
+            next_id += 1
+    for i in range(corrupt_rows):  # undecodable bytes: data preparation must drop and count them
+        for key in rows:
+            rows[key].append(rows[key][0] if key != "id" else next_id + i)
+        rows["image"][-1] = {"bytes": b"\xff\xd8\xff\xe0 truncated jpeg", "path": None}
+    features = datasets.Features({
+        "id": datasets.Value("int64"), **{k: datasets.Value("string") for k in (
+            "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season")},
+        "year": datasets.Value("float64"), "usage": datasets.Value("string"),
+        "productDisplayName": datasets.Value("string"), "image": datasets.Image()})
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub_dataset(tmp_path_factory) -> Path:
+    return make_hub_dataset(tmp_path_factory.mktemp("hub") / "fashion-fixture")
+
+
+@pytest.fixture(scope="session")
+def processed(tmp_path_factory, hub_dataset) -> Path:
+    import data_preparation
+
+    out = tmp_path_factory.mktemp("processed") / "processed"
+    data_preparation.main(["--dataset", str(hub_dataset), "--output-dir", str(out), "--val-fraction", "0.2",
+                           "--test-fraction", "0.2"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_args(processed, out, cache_dir, *extra):
+    return ["--tiny", "--data", str(processed), "--output-dir", str(out), "--cache-dir", str(cache_dir),
+            "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, processed, cache_dir) -> dict:
+    """One tiny trained run per model script (shared by the model, evaluation and app tests)."""
+    import clip
+    import resnet
+    import siamese
+    import vae
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, module, extra in (("resnet", resnet, ()), ("siamese", siamese, ("--classes-per-batch", "4")),
+                                ("clip", clip, ()), ("vae", vae, ())):
+        runs[name] = root / name
+        module.main(tiny_args(processed, runs[name], cache_dir, *extra))
+    return runs

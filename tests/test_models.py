@@ -1,0 +1,174 @@
+"""Each model script end to end on the fixture with a tiny configuration; the pretrained-loading paths through a
+tiny model saved to a folder; --embed-only; --resume; offline errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import clip
+import common
+import resnet
+import siamese
+import vae
+from conftest import tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = {"resnet": resnet, "siamese": siamese, "clip": clip, "vae": vae}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_run_folder_is_complete(trained_runs, name):
+    run = trained_runs[name]
+    for file in ("args.json", "best.pt", "last.pt", "log.jsonl", "metrics.json"):
+        assert (run / file).exists(), file
+    args = json.loads((run / "args.json").read_text())
+    assert "git_commit" in args and args["tiny"] is True
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2  # one line per epoch
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("precision@5", "recall@5", "accuracy@5", "precision@1", "map@r", "macro_precision@5"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["num_queries"] > 0 and metrics["protocol"].startswith("query/gallery")
+    for split in ("train", "val", "test"):
+        embeddings = np.load(run / "embeddings" / f"{split}.npy")
+        meta = pd.read_parquet(run / "embeddings" / f"{split}.parquet")
+        assert embeddings.dtype == np.float32 and embeddings.ndim == 2 and len(embeddings) == len(meta)
+        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
+        for column in ("id", "label", "articleType", "gender", "masterCategory", "baseColour", "productDisplayName"):
+            assert column in meta.columns
+    if name == "clip":
+        assert (run / "hf_model" / "config.json").exists() and (run / "hf_model" / "tokenizer_config.json").exists()
+
+
+def test_training_learns_something(trained_runs):
+    # Chance precision@5 on the fixture is ~0.25 (5 classes); the class-coded shapes are easy to learn.
+    best = max(json.loads((run / "metrics.json").read_text())["precision@5"] for run in trained_runs.values())
+    assert best > 0.4
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_embed_only_reproduces_training_embeddings(trained_runs, processed, cache_dir, tmp_path, name):
+    out = tmp_path / "embedded"
+    MODULES[name].main(["--embed-only", "--checkpoint", str(trained_runs[name]), "--data", str(processed),
+                        "--output-dir", str(out), "--cache-dir", str(cache_dir), "--device", "cpu"])
+    for split in ("train", "test"):
+        np.testing.assert_allclose(np.load(out / "embeddings" / f"{split}.npy"),
+                                   np.load(trained_runs[name] / "embeddings" / f"{split}.npy"), atol=2e-2)
+        assert (pd.read_parquet(out / "embeddings" / f"{split}.parquet")["id"]
+                == pd.read_parquet(trained_runs[name] / "embeddings" / f"{split}.parquet")["id"]).all()
+
+
+def test_embed_only_on_a_hub_layout_folder_is_one_split_all(trained_runs, hub_dataset, cache_dir, tmp_path):
+    out = tmp_path / "catalog"
+    resnet.main(["--embed-only", "--checkpoint", str(trained_runs["resnet"]), "--data", str(hub_dataset),
+                 "--output-dir", str(out), "--cache-dir", str(cache_dir), "--device", "cpu"])
+    meta = pd.read_parquet(out / "embeddings" / "all.parquet")
+    embeddings = np.load(out / "embeddings" / "all.npy")
+    assert len(meta) == len(embeddings) == 69  # 70 rows, the undecodable one skipped
+    assert (meta.loc[meta.articleType == "Ties", "label"] == -1).all()  # a class the run never saw
+
+
+def test_embed_only_refuses_another_scripts_run(trained_runs, processed, tmp_path):
+    with pytest.raises(common.UserError, match="trained by resnet.py"):
+        clip.main(["--embed-only", "--checkpoint", str(trained_runs["resnet"]), "--data", str(processed),
+                   "--output-dir", str(tmp_path / "x"), "--device", "cpu"])
+
+
+def test_pretrained_paths_load_local_folders(processed, cache_dir, tmp_path):
+    """The code path the hub name takes (from_pretrained / a torchvision state_dict), fed a local folder."""
+    import torchvision
+    from diffusers import AutoencoderKL
+    from transformers import CLIPConfig, CLIPModel
+
+    args = clip.parse_args(["--tiny", "--image-size", "32"])
+    clip_dir = tmp_path / "clip-local"
+    CLIPModel(CLIPConfig.from_dict(clip.scratch_config(args))).save_pretrained(clip_dir)
+    common.char_tokenizer().save_pretrained(clip_dir)
+    clip.main(["--model", str(clip_dir), "--data", str(processed), "--output-dir", str(tmp_path / "clip"),
+               "--cache-dir", str(cache_dir), "--image-size", "32", "--max-steps", "2", "--device", "cpu"])
+    assert (tmp_path / "clip" / "metrics.json").exists()
+
+    vae_dir = tmp_path / "vae-local"
+    AutoencoderKL.from_config(vae.scratch_config(vae.parse_args(["--tiny"]))).save_pretrained(vae_dir)
+    vae.main(["--model", str(vae_dir), "--data", str(processed), "--output-dir", str(tmp_path / "vae"),
+              "--cache-dir", str(cache_dir), "--image-size", "32", "--max-steps", "2", "--device", "cpu"])
+    assert (tmp_path / "vae" / "metrics.json").exists()
+
+    state_file = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), state_file)
+    backbone, dim, config = common.resnet_backbone(resnet.parse_args(["--model", str(state_file)]))
+    assert dim == 2048 and config == {"arch": "resnet50"}
+    with pytest.raises(common.UserError, match="not a torchvision ResNet-50"):
+        torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
+        common.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "bad.pth")]))
+
+
+@pytest.mark.parametrize("script", ["resnet.py", "clip.py", "vae.py", "siamese.py"])
+def test_offline_without_local_weights_is_one_clear_line(processed, tmp_path, script):
+    result = subprocess.run([sys.executable, script, "--data", str(processed), "--output-dir", str(tmp_path / "r"),
+                             "--cache-dir", str(tmp_path / "c"), "--device", "cpu"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "--model" in last and "--from-scratch" in last
+
+
+def test_bad_arguments_are_argparse_errors(processed, tmp_path):
+    for argv in (["--device", "tpu"], ["--batch-size", "-3"], ["--image-size", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            resnet.parse_args(argv)
+        assert exc.value.code == 2
+    with pytest.raises(common.UserError, match="not a processed dataset"):
+        resnet.main(["--tiny", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "r")])
+
+
+def test_resume_finishes_like_an_uninterrupted_run(processed, cache_dir, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    resnet.main(tiny_args(processed, full, cache_dir, "--epochs", "3"))
+    interrupted = tmp_path / "interrupted"
+    original_log = common.Run.log
+    calls = {"n": 0}
+
+    def crash_after_first_epoch(self, record):
+        original_log(self, record)
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 2 logged, its last.pt not yet written: the state of a kill mid-epoch 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.Run, "log", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "3"))
+    monkeypatch.setattr(common.Run, "log", original_log)
+    assert torch.load(interrupted / "last.pt", weights_only=False)["epoch"] == 0
+    resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "3", "--resume"))
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((interrupted / "metrics.json").read_text())
+    for key in ("precision@5", "map@r"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6)
+    np.testing.assert_allclose(np.load(interrupted / "embeddings" / "test.npy"),
+                               np.load(full / "embeddings" / "test.npy"), atol=1e-5)
+    with pytest.raises(common.UserError, match="other arguments"):
+        resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "4", "--resume"))
+
+
+def test_device_and_autocast_selection(monkeypatch):
+    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert common.autocast_dtype(torch.device("cpu"), "fp32") is None
+    assert common.autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: False)
+    assert common.autocast_dtype(torch.device("cpu")) is None  # no native bf16: fp32 is faster
+    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: True)
+    assert common.autocast_dtype(torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert common.autocast_dtype(torch.device("cuda")) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert common.autocast_dtype(torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(common.UserError, match="no CUDA device"):
+        common.resolve_device("cuda:0")
