@@ -222,16 +222,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def square_uint8(image: Image.Image, size: int) -> np.ndarray:
     """Pad to a square on white (product photos have white backgrounds, so nothing is cropped away),
     resize to size x size and return uint8 [3, size, size]."""
-    image = ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC, color=(255, 255, 255))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    # ImageOps.pad's arithmetic, with each side at least 1 pixel (it fails on e.g. 20000 x 20).
+    scale = size / max(image.width, image.height)
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((width, height), resample=Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(resized, (round((size - width) / 2), round((size - height) / 2)))
+    return np.asarray(canvas, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def decode_square(data: bytes, size: int) -> np.ndarray:
     """JPEG bytes -> uint8 [3, size, size]. ``draft`` lets the JPEG decoder downscale by 2/4/8 while it
     decodes, which is several times faster than decoding at full size and resizing afterwards."""
-    image = Image.open(io.BytesIO(data))
-    if image.format == "JPEG" and getattr(image, "n_frames", 1) == 1:
-        image.draft("RGB", (size, size))
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format == "JPEG" and getattr(image, "n_frames", 1) == 1:
+            image.draft("RGB", (size, size))
+    except (OSError, SyntaxError, Image.DecompressionBombError, EOFError, TypeError) as exc:
+        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     return square_uint8(open_image(image), size)
 
 
@@ -425,11 +433,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @torch.inference_mode()
 def embed_images(model, images: np.ndarray, device, dtype, batch_size=256, desc="embed",
-                 channels_last=False) -> np.ndarray:
+                 channels_last=False, progress=True) -> np.ndarray:
     """uint8 [N, 3, S, S] -> float32 [N, D], L2-normalised, in batches under inference_mode + autocast."""
     model.eval()
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
+                      disable=None if progress else True):
         batch = normalize(torch.from_numpy(np.array(images[start:start + batch_size])), model.mean, model.std,
                           device, channels_last)
         with autocast(device, dtype):

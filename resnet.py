@@ -1,5 +1,5 @@
-"""ResNet-50 fine-tuned as an article-type classifier; the pooled 2048-d feature before the new head is the
-retrieval embedding.
+"""ResNet-50 fine-tuned as an article-type classifier; the pooled 2048-d feature before the new head (batch-normalised,
+BNNeck) is the retrieval embedding.
 
 Usage: python resnet.py [--from-scratch --image-size 64] [--output-dir runs/resnet]
 """
@@ -15,19 +15,26 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="softer targets: better-spread embeddings")
+    parser.add_argument("--no-bn-neck", dest="bn_neck", action="store_false",
+                        help="embed the raw pooled feature instead of its batch-normalised version (BNNeck)")
     return parser.parse_args(argv)
 
 
 class ResNetClassifier(nn.Module):
     mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
 
-    def __init__(self, backbone, feature_dim, num_classes):
+    def __init__(self, backbone, feature_dim, num_classes, bn_neck=True):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_classes)
+        # BNNeck (Luo et al. 2019): pooled ReLU features are all positive, so their cosine similarities bunch up
+        # near 1; batch-normalising them (no learnt shift) centres them, which suits cosine retrieval.
+        self.neck = nn.BatchNorm1d(feature_dim) if bn_neck else nn.Identity()
+        if bn_neck:
+            self.neck.bias.requires_grad_(False)
+        self.head = nn.Linear(feature_dim, num_classes, bias=not bn_neck)
 
     def embed(self, images):  # [B, 3, S, S] -> [B, 2048]
-        return self.backbone(images)
+        return self.neck(self.backbone(images))
 
     def forward(self, images):  # -> logits [B, classes]
         return self.head(self.embed(images))
@@ -35,7 +42,7 @@ class ResNetClassifier(nn.Module):
 
 def build_model(args, num_classes, backbone_config=None):
     backbone, feature_dim, config = common.resnet_backbone(args, backbone_config)
-    return ResNetClassifier(backbone, feature_dim, num_classes), config
+    return ResNetClassifier(backbone, feature_dim, num_classes, getattr(args, "bn_neck", False)), config
 
 
 def main(argv=None):

@@ -124,3 +124,14 @@ def trained_runs(tmp_path_factory, processed, cache_dir) -> dict:
         runs[name] = root / name
         module.main(tiny_args(processed, runs[name], cache_dir, *extra))
     return runs
+
+
+@pytest.fixture(scope="session")
+def service(trained_runs, cache_dir):
+    """The app's search service over the tiny CLIP run (URL queries may reach 127.0.0.1 for the local test server)."""
+    import app
+
+    args = app.parse_args(["--run", str(trained_runs["clip"]), "--cache-dir", str(cache_dir), "--allow-private-urls"])
+    service, notice = app.load_service(args)
+    assert notice == ""
+    return service

@@ -1,0 +1,538 @@
+"""Find the five catalog items that look most like a photo: a Gradio page and a program API over a FAISS index
+of CLIP embeddings. Queries: an uploaded photo, an image URL, a text description (CLIP's text tower), or a click
+on a result. Optional filters (gender, masterCategory, articleType) are applied inside the search.
+
+Usage: python app.py [--run runs/clip] [--dataset PATH] [--host 127.0.0.1] [--port 7860]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import numpy as np
+import pandas as pd
+
+import common
+import evaluation
+
+HUB_MODEL = "openai/clip-vit-base-patch32"
+TOP_K = 5
+ANY = "Any"
+FILTER_COLUMNS = ("gender", "masterCategory", "articleType")
+RESULT_FIELDS = ("id", "productDisplayName", "articleType", "baseColour", "gender")
+MAX_DOWNLOAD_BYTES = 10 * 1024 * 1024
+MAX_REDIRECTS = 3
+CONNECT_TIMEOUT, READ_TIMEOUT, TOTAL_TIMEOUT = 3.0, 5.0, 15.0
+
+
+class QueryError(ValueError):
+    """Bad or refused input: its message is shown on the page and raised to API clients as gr.Error."""
+
+
+# --------------------------------------------------------------------------- safe URL fetching
+
+def check_address(address: str, allow_private: bool):
+    """Refuse every address that is not public unicast (loopback, private, link-local, multicast, reserved,
+    unspecified, shared, documentation...), IPv4-mapped IPv6 included."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not allow_private and not ip.is_global or ip.is_multicast or ip.is_unspecified:
+        raise QueryError(f"refused: the URL points to a non-public address ({ip})")
+    return str(ip)
+
+
+def resolve_public(host: str, port: int, allow_private: bool) -> str:
+    """Resolve once and check every address; the connection then goes to the checked address (no DNS rebinding)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise QueryError(f"cannot resolve host {host!r} ({exc})") from None
+    addresses = [info[4][0] for info in infos]
+    for address in addresses:
+        check_address(address, allow_private)
+    return addresses[0]
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host, port, address, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), timeout=CONNECT_TIMEOUT)
+        self.sock.settimeout(self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host, port, address, timeout):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self):
+        raw = socket.create_connection((self._address, self.port), timeout=CONNECT_TIMEOUT)
+        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # certificate checked for the name
+        self.sock.settimeout(self.timeout)
+
+
+def fetch_url(url: str, allow_private: bool = False, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
+    """GET an image over http(s) with every guard a public server needs: scheme check, public-address check on
+    every hop (at most MAX_REDIRECTS redirects), connect/read/total timeouts, a streamed size cap."""
+    url = (url or "").strip()
+    deadline = time.monotonic() + TOTAL_TIMEOUT
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise QueryError(f"refused: only http and https URLs are fetched, not {parts.scheme or 'no scheme'!r}")
+        if not parts.hostname:
+            raise QueryError("refused: the URL has no host")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise QueryError("refused: the URL has an invalid port") from None
+        address = resolve_public(parts.hostname, port, allow_private)
+        connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+        connection = connection_class(parts.hostname, port, address, READ_TIMEOUT)
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("GET", path, headers={"User-Agent": "fashion-search/1.0", "Accept": "image/*"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                if not location:
+                    raise QueryError(f"the server answered {response.status} without a Location")
+                url = urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise QueryError(f"the server answered HTTP {response.status} for this URL")
+            content_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+            if content_type and not content_type.startswith("image/") and content_type != "application/octet-stream":
+                raise QueryError(f"refused: the URL serves {content_type!r}, not an image")
+            declared = response.getheader("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise QueryError(f"refused: the image is larger than {max_bytes // 2**20} MB")
+            body = bytearray()
+            while chunk := response.read1(65536):  # read1: whatever arrived, so a trickling body hits the deadline
+                body += chunk
+                if len(body) > max_bytes:
+                    raise QueryError(f"refused: the image is larger than {max_bytes // 2**20} MB")
+                if time.monotonic() > deadline:
+                    raise QueryError(f"refused: the download took longer than {TOTAL_TIMEOUT:.0f} s")
+            return bytes(body)
+        except (TimeoutError, socket.timeout):
+            raise QueryError("the server did not answer in time") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise QueryError(f"could not fetch the URL ({type(exc).__name__}: {exc})") from None
+        finally:
+            connection.close()
+    raise QueryError(f"refused: more than {MAX_REDIRECTS} redirects")
+
+
+# --------------------------------------------------------------------------- the model, the catalog, the index
+
+class MicroBatcher:
+    """Concurrent requests are embedded together: one worker thread takes the first waiting request, gathers the
+    others that arrive within ``window`` seconds (at most ``max_batch``), and runs the model once for all. On a CPU
+    a batch of 8 costs far less than 8 single calls, and one thread owns the model (no thread oversubscription)."""
+
+    def __init__(self, fn, max_batch=16, window=0.003):
+        import queue
+
+        self.fn, self.max_batch, self.window = fn, max_batch, window
+        self.requests = queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="embed-batcher").start()
+
+    def __call__(self, item):
+        from concurrent.futures import Future
+
+        future = Future()
+        self.requests.put((item, future))
+        return future.result()
+
+    def _work(self):
+        import queue
+
+        while True:
+            batch = [self.requests.get()]
+            deadline = time.monotonic() + self.window
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.requests.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                results = self.fn(np.stack([item for item, _ in batch]))
+                for (_, future), result in zip(batch, results):
+                    future.set_result(result)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request, the worker lives on
+                for _, future in batch:
+                    future.set_exception(exc)
+
+
+class Encoder:
+    """CLIP image and text towers, with the same preprocessing as training (pad to a white square, resize)."""
+
+    def __init__(self, model_path: str, device="cpu"):
+        import torch
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        self.torch = torch
+        self.model = common.load_pretrained(CLIPModel.from_pretrained, model_path, "CLIP model").eval()
+        self.tokenizer = common.load_pretrained(CLIPTokenizer.from_pretrained, model_path, "CLIP tokenizer")
+        processor = common.load_pretrained(CLIPImageProcessor.from_pretrained, model_path, "CLIP image processor")
+        size = processor.crop_size if processor.do_center_crop else processor.size
+        self.image_size = int(size.get("height") or size.get("shortest_edge"))
+        self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
+        self.device = common.resolve_device(device)
+        self.model.to(self.device)
+        self.dtype = common.autocast_dtype(self.device)
+        self.dim = self.model.config.projection_dim
+        self.batcher = MicroBatcher(self.embed_pixels)
+
+    def embed_pixels(self, images_uint8: np.ndarray, progress=False) -> np.ndarray:
+        """uint8 [B, 3, S, S] -> float32 [B, D], unit length."""
+        return common.embed_images(self, images_uint8, self.device, self.dtype, desc="embed catalog",
+                                   progress=progress)
+
+    # embed_images() calls these two: the Encoder quacks like a model script's module.
+    def eval(self):
+        return self
+
+    def embed(self, pixel_values):
+        return common.clip_image_features(self.model, pixel_values)
+
+    def embed_image(self, data: bytes) -> np.ndarray:
+        try:
+            pixels = common.decode_square(data, self.image_size)
+        except ValueError as exc:
+            raise QueryError(str(exc)) from None
+        return self.batcher(pixels)
+
+    def embed_text(self, text: str) -> np.ndarray:
+        text = (text or "").strip()
+        if not text:
+            raise QueryError("type a description to search by text")
+        tokens = self.tokenizer([text[:1000]], padding=True, truncation=True,
+                                max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
+        with self.torch.inference_mode():
+            features = common.clip_text_features(self.model, tokens["input_ids"].to(self.device),
+                                                 tokens["attention_mask"].to(self.device)).float()
+        return self.torch.nn.functional.normalize(features, dim=1)[0].cpu().numpy()
+
+
+def build_index(embeddings: np.ndarray):
+    import faiss
+
+    index = faiss.IndexFlatIP(embeddings.shape[1])  # exact; the catalog fits (see BENCHMARKS.md for larger)
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index
+
+
+class Catalog:
+    """Metadata, embeddings and FAISS index of every catalog item, with the image of each row on demand."""
+
+    def __init__(self, embeddings: np.ndarray, meta: pd.DataFrame, image_bytes, index):
+        """image_bytes(split, row) -> the encoded photo of a catalog row."""
+        self.embeddings, self.meta, self.index = embeddings, meta.reset_index(drop=True), index
+        self._image_bytes = image_bytes
+        self.row_of_id = {int(i): r for r, i in enumerate(self.meta["id"])}
+
+    def __len__(self):
+        return len(self.meta)
+
+    def image_bytes(self, row: int) -> bytes:
+        return self._image_bytes(self.meta.at[row, "split"], self.meta.at[row, "row"])
+
+    def choices(self, column):
+        return [ANY] + sorted(self.meta[column].dropna().astype(str).unique().tolist())
+
+    def search(self, vector: np.ndarray, filters: dict | None = None, k: int = TOP_K) -> list[dict]:
+        """Top k rows by cosine similarity, best first. Filters restrict the candidates before ranking, so k
+        matching items come back whenever k exist."""
+        vector = np.ascontiguousarray(vector, dtype=np.float32)[None]
+        mask = np.ones(len(self.meta), dtype=bool)
+        for column, value in (filters or {}).items():
+            if value and value != ANY:
+                mask &= (self.meta[column].astype(str) == value).to_numpy()
+        if mask.all():
+            scores, rows = self.index.search(vector, min(k, len(self.meta)))
+            scores, rows = scores[0], rows[0]
+        else:
+            candidates = np.flatnonzero(mask)
+            similarity = self.embeddings[candidates] @ vector[0]  # exact over the filtered subset
+            top = np.argsort(-similarity, kind="stable")[:k]
+            scores, rows = similarity[top], candidates[top]
+        return [{**{field: _plain(self.meta.at[row, field]) for field in RESULT_FIELDS}, "score": round(float(s), 4)}
+                for s, row in zip(scores, rows) if row >= 0]
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def catalog_fingerprint(parts: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def load_or_build_index(index_dir: Path, embeddings: np.ndarray, fingerprint: str):
+    """Reuse the saved index when its fingerprint, dimension and row count match; rebuild it otherwise. A stale
+    or mismatched index is never served."""
+    import faiss
+
+    index_path, info_path = index_dir / "catalog.faiss", index_dir / "index.json"
+    if index_path.exists() and info_path.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("fingerprint") == fingerprint:
+            try:
+                index = faiss.read_index(str(index_path))
+            except RuntimeError:  # unreadable file: rebuilt below
+                index = None
+            if index is not None and index.d == embeddings.shape[1] and index.ntotal == len(embeddings):
+                return index
+        print(f"index in {index_dir} is stale (model or catalog changed): rebuilding")
+    index = build_index(embeddings)
+    common._atomic(index_path, lambda tmp: faiss.write_index(index, tmp))
+    common.atomic_write_json(info_path, {"fingerprint": fingerprint, "dim": int(index.d), "rows": int(index.ntotal),
+                                         "type": type(index).__name__})
+    return index
+
+
+def dataset_image_bytes(splits: dict):
+    """(split, row) -> the row's encoded image bytes, as stored in the dataset (decoded only for display)."""
+    from datasets import Image as ImageFeature
+
+    raw = {name: split.cast_column("image", ImageFeature(decode=False)) for name, split in splits.items()}
+
+    def get(split, row):
+        cell = raw[split][int(row)]["image"]
+        return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+    return get
+
+
+def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str) -> tuple[Catalog, str]:
+    """The fine-tuned run's own embeddings of every split (the whole catalog), or, with --dataset, that dataset
+    embedded with the run's model."""
+    if dataset:
+        return catalog_from_dataset(dataset, encoder, run / "index", cache_dir, model_id=str(run / "hf_model"))
+    args = json.loads((run / "args.json").read_text())
+    data, _ = common.load_processed(args["data"])
+    parts, embeddings, metas = {}, [], []
+    for split in common.SPLITS:
+        path = run / "embeddings" / f"{split}.npy"
+        if not path.exists():
+            raise common.UserError(f"{path} is missing: rerun clip.py or pass --dataset")
+        vectors, meta = evaluation.load_split(run, split)
+        embeddings.append(vectors)
+        metas.append(meta)
+        parts[split] = common.file_sha256(path)
+    embeddings = np.concatenate(embeddings)
+    if embeddings.shape[1] != encoder.dim:
+        raise common.UserError(f"{run}/embeddings have dimension {embeddings.shape[1]} but {run}/hf_model "
+                               f"embeds to {encoder.dim}: the run's files do not belong together")
+    meta = pd.concat(metas, ignore_index=True)
+    parts["model"] = common.file_sha256(next((run / "hf_model").glob("*.safetensors")))
+    fingerprint = catalog_fingerprint(parts)
+    index = load_or_build_index(run / "index", embeddings, fingerprint)
+    return Catalog(embeddings, meta, dataset_image_bytes(data), index), fingerprint
+
+
+def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str):
+    """Embed a whole dataset (hub name, hub-layout or processed folder) and index it; cached in index_dir."""
+    data = common.load_raw_dataset(spec)
+    splits = dict(data) if hasattr(data, "keys") else {"all": data}
+    weights = sorted(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
+    parts = {"model": common.file_sha256(weights[0]) if weights else model_id, "image_size": encoder.image_size,
+             **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
+    fingerprint = catalog_fingerprint(parts)
+    cached_vectors, cached_meta = index_dir / "catalog.npy", index_dir / "catalog.parquet"
+    info_path = index_dir / "index.json"
+    fresh = info_path.exists() and json.loads(info_path.read_text()).get("fingerprint") == fingerprint
+    if fresh and cached_vectors.exists() and cached_meta.exists():
+        embeddings, meta = np.load(cached_vectors), pd.read_parquet(cached_meta)
+    else:
+        embeddings, metas = [], []
+        for name, split in splits.items():
+            images, ok = common.image_cache(split, encoder.image_size, cache_dir)
+            keep = np.flatnonzero(ok)
+            embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], progress=True))
+            metas.append(common.metadata_frame(split.select(keep), name).assign(row=keep))
+        embeddings, meta = np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
+        common.atomic_save_npy(cached_vectors, embeddings)
+        common.atomic_write_parquet(cached_meta, meta)
+    index = load_or_build_index(index_dir, embeddings, fingerprint)
+    return Catalog(embeddings, meta, dataset_image_bytes(splits), index), fingerprint
+
+
+# --------------------------------------------------------------------------- the service: queries -> results
+
+class SearchService:
+    """Everything the page and the API do, without Gradio: each query returns the top results as records."""
+
+    def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False):
+        self.encoder, self.catalog, self.model_name = encoder, catalog, model_name
+        self.allow_private_urls = allow_private_urls
+
+    def filters(self, gender=None, master_category=None, article_type=None):
+        return {"gender": gender, "masterCategory": master_category, "articleType": article_type}
+
+    def search_image_bytes(self, data: bytes, *filters):
+        return self.catalog.search(self.encoder.embed_image(data), self.filters(*filters))
+
+    def search_image_file(self, path, *filters):
+        if not path:
+            raise QueryError("upload a photo first")
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise QueryError(f"cannot read the upload ({exc.strerror})") from None
+        return self.search_image_bytes(data, *filters)
+
+    def search_url(self, url, *filters):
+        return self.search_image_bytes(fetch_url(url, self.allow_private_urls), *filters)
+
+    def search_text(self, text, *filters):
+        return self.catalog.search(self.encoder.embed_text(text), self.filters(*filters))
+
+    def search_item(self, item_id, *filters):
+        row = self.catalog.row_of_id.get(int(item_id))
+        if row is None:
+            raise QueryError(f"no catalog item with id {item_id}")
+        return self.catalog.search(self.catalog.embeddings[row], self.filters(*filters))
+
+    def gallery(self, results):
+        return [(common.open_image(self.catalog.image_bytes(self.catalog.row_of_id[r["id"]])),
+                 f"{r['productDisplayName']} | {r['articleType']}, {r['baseColour']}, {r['gender']} | "
+                 f"score {r['score']:.3f}") for r in results]
+
+
+def build_page(service: SearchService, notice: str = ""):
+    import gradio as gr
+
+    def guarded(fn):
+        def call(*args):
+            try:
+                return fn(*args)
+            except QueryError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+        call.__name__ = fn.__name__
+        return call
+from gradio.events import Dependency
+
+    class SafeImage(gr.Image):
+        """An upload Pillow cannot open becomes the same clear message as any other bad image."""
+
+        def get_block_name(self):
+            return "image"  # the front end draws it as a plain gr.Image
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is the user's file, not the server
+                raise gr.Error(f"not a readable image ({type(exc).__name__})", print_exception=False) from None
+
+    catalog = service.catalog
+    with gr.Blocks(title="Fashion similarity search") as page:
+        gr.Markdown(f"## Fashion similarity search\nModel: **{service.model_name}** — searching "
+                    f"**{len(catalog):,}** catalog items. {notice}")
+        with gr.Row():
+            gender = gr.Dropdown(catalog.choices("gender"), value=ANY, label="gender")
+            master = gr.Dropdown(catalog.choices("masterCategory"), value=ANY, label="masterCategory")
+            article = gr.Dropdown(catalog.choices("articleType"), value=ANY, label="articleType")
+        filters = [gender, master, article]
+        with gr.Tabs():
+            with gr.Tab("Photo"):
+                image = SafeImage(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
+                image_button = gr.Button("Search by photo", variant="primary")
+            with gr.Tab("Image URL"):
+                url = gr.Textbox(label="image URL", placeholder="https://...")
+                url_button = gr.Button("Search by URL", variant="primary")
+            with gr.Tab("Text"):
+                text = gr.Textbox(label="description", placeholder="navy blue men's shirt")
+                text_button = gr.Button("Search by text", variant="primary")
+        gallery = gr.Gallery(label="top 5, best first (click one to search by it)", columns=5, height="auto",
+                             allow_preview=False, elem_id="results-gallery")
+        results = gr.JSON(label="results")
+        item_id = gr.Number(visible=False, precision=0)
+
+        render = guarded(service.gallery)
+        for trigger, fn, source, name in (
+                (image_button.click, service.search_image_file, image, "search_image"),
+                (image.upload, service.search_image_file, image, None),
+                (url_button.click, service.search_url, url, "search_url"),
+                (url.submit, service.search_url, url, None),
+                (text_button.click, service.search_text, text, "search_text"),
+                (text.submit, service.search_text, text, None)):
+            event = trigger(guarded(fn), [source, *filters], results, api_name=name,
+                            api_visibility="public" if name else "private")
+            event.success(render, results, gallery, api_visibility="private")
+
+        def clicked(current, selection: gr.SelectData):
+            return current[selection.index]["id"]
+
+        gallery.select(clicked, results, item_id, api_visibility="private").success(
+            guarded(service.search_item), [item_id, *filters], results, api_name="search_item").success(
+            render, results, gallery, api_visibility="private")
+    return page
+
+
+# --------------------------------------------------------------------------- start-up
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="runs/clip", help="a clip.py run folder (fine-tuned model + embeddings)")
+    parser.add_argument("--dataset", default=None, help="catalog to index instead of the run's own splits "
+                        f"(hub name or folder); without a run it defaults to {common.HUB_DATASET}")
+    parser.add_argument("--model", default=HUB_MODEL, help="CLIP model for the zero-shot fallback when there is no run")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    parser.add_argument("--device", type=common.device_arg, default="cpu")
+    parser.add_argument("--cache-dir", default="data/cache")
+    parser.add_argument("--max-upload-mb", type=int, default=10)
+    parser.add_argument("--allow-private-urls", action="store_true",
+                        help="let URL queries reach private/loopback addresses: for local testing only")
+    return parser.parse_args(argv)
+
+
+def load_service(args) -> tuple[SearchService, str]:
+    run = Path(args.run)
+    if (run / "hf_model" / "config.json").exists():
+        encoder = Encoder(str(run / "hf_model"), args.device)
+        catalog, _ = catalog_from_run(run, encoder, args.dataset, args.cache_dir)
+        return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls), ""
+    notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {args.model} "
+              f"zero-shot.")
+    print(notice)
+    dataset = args.dataset or common.HUB_DATASET
+    try:
+        encoder = Encoder(args.model, args.device)
+        index_dir = Path("runs") / "zero-shot-clip" / "index"
+        catalog, _ = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model)
+    except common.UserError as exc:
+        raise common.UserError(f"{exc}. No run at --run {run}; pass --run RUN_DIR (a clip.py run), or local copies "
+                               f"with --dataset PATH and --model PATH") from None
+    return SearchService(encoder, catalog, f"pretrained {args.model} (zero-shot)", args.allow_private_urls), notice
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    service, notice = load_service(args)
+    page = build_page(service, notice)
+    page.queue(default_concurrency_limit=16)  # concurrent requests meet in the MicroBatcher
+    print(f"serving {len(service.catalog):,} items with {service.model_name} on http://{args.host}:{args.port}")
+    page.launch(server_name=args.host, server_port=args.port, share=args.share,
+                max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"], show_error=False)
+
+
+if __name__ == "__main__":
+    common.cli(main)

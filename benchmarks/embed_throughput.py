@@ -1,0 +1,139 @@
+"""Embedding throughput, end to end (JPEG bytes in, unit vectors out), per backbone at its input size:
+naive (fp32, the Hugging Face / torchvision preprocessing image by image) against ours (batched draft-mode JPEG
+decode, pre-decoded uint8 tensors, inference_mode, bf16 autocast where the CPU has it, channels_last for CNNs).
+Also the machine's measured matmul peak and each model's share of it (FLOPs per image x images/s).
+Random weights from the real configurations: same compute as the pretrained models, no download.
+
+Usage: python benchmarks/embed_throughput.py [--images 256] [--models clip resnet]
+"""
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
+
+
+def matmul_peak(dtype, size=2048, repeats=10):
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def flops_per_image(fn, size):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn(torch.randn(1, 3, size, size))
+    return counter.get_total_flops()
+
+
+def jpegs(count):
+    import datasets
+    from datasets import Image as ImageFeature
+
+    if SHARED.exists():
+        ds = datasets.load_dataset(str(SHARED), split="train").cast_column("image", ImageFeature(decode=False))
+        return [cell["bytes"] for cell in ds.select(range(count))["image"]]
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def build(name):
+    if name == "clip":
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+        # openai/clip-vit-base-patch32's vision tower and projection (its config, random weights).
+        config = CLIPConfig(vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                               num_attention_heads=12, image_size=224, patch_size=32),
+                            projection_dim=512)
+        model = CLIPModel(config).eval()
+        processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+
+        def embed(x):
+            return common.clip_image_features(model, x)
+
+        def naive_preprocess(data):
+            return processor(images=Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="pt")["pixel_values"]
+        return model, embed, naive_preprocess, common.CLIP_MEAN, common.CLIP_STD, False
+    import torchvision
+
+    model = torchvision.models.resnet50().eval()
+    model.fc = torch.nn.Identity()
+    transform = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()
+
+    def naive_preprocess(data):
+        return transform(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+    return model, model, naive_preprocess, common.IMAGENET_MEAN, common.IMAGENET_STD, True
+
+
+class Wrapped(torch.nn.Module):
+    def __init__(self, model, embed, mean, std):
+        super().__init__()
+        self.model, self._embed, self.mean, self.std = model, embed, mean, std
+
+    def embed(self, x):
+        return self._embed(x)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--naive-images", type=int, default=64, help="the naive path is slow: fewer images")
+    parser.add_argument("--models", nargs="+", default=["clip", "resnet"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = common.resolve_device(args.device)
+    dtype = common.autocast_dtype(device)
+    data = jpegs(args.images)
+    fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, autocast {dtype}")
+    print(f"matmul peak: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s")
+    print("| model | size | naive img/s | ours img/s | speed-up | GFLOP/img | share of bf16 peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        model, embed, naive_preprocess, mean, std, channels_last = build(name)
+        model.to(device)
+        size = 224
+        flops = flops_per_image(embed, size)
+        # Naive: one image at a time, fp32, library preprocessing.
+        with torch.inference_mode():
+            embed(naive_preprocess(data[0]).to(device))
+            started = time.perf_counter()
+            for item in data[:args.naive_images]:
+                torch.nn.functional.normalize(embed(naive_preprocess(item).to(device)), dim=1)
+            naive = args.naive_images / (time.perf_counter() - started)
+        # Ours: batched decode to uint8, then the shared embed_images (inference_mode, autocast, channels_last).
+        wrapped = Wrapped(model, embed, mean, std)
+        if channels_last:
+            wrapped.to(memory_format=torch.channels_last)
+        common.embed_images(wrapped, np.stack([common.decode_square(d, size) for d in data[:8]]), device, dtype,
+                            8, channels_last=channels_last)  # warm-up
+        started = time.perf_counter()
+        pixels = np.stack([common.decode_square(d, size) for d in data])
+        common.embed_images(wrapped, pixels, device, dtype, args.batch_size, channels_last=channels_last)
+        ours = len(data) / (time.perf_counter() - started)
+        peak = bf16_peak if dtype == torch.bfloat16 else fp32_peak
+        print(f"| {name} | {size} | {naive:.1f} | {ours:.1f} | {ours / naive:.1f}x | {flops / 1e9:.2f} | "
+              f"{flops * ours / 1e9 / peak:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The app: URL guards against a local HTTP server, the search service, and the page + API through gradio_client
+and a headless Chromium, all on 127.0.0.1 with a tiny trained CLIP run over the fixture catalog."""
+import http.server
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import app
+from conftest import product_photo
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def jpeg_bytes(colour=(200, 30, 30), size=(40, 40)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves the cases the URL guard must handle."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send(self, status, body=b"", content_type="image/jpeg", headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        port = self.server.server_address[1]
+        if self.path == "/img.jpg":
+            self.send(200, jpeg_bytes())
+        elif self.path == "/html":
+            self.send(200, b"<html></html>", "text/html")
+        elif self.path.startswith("/redirect/"):
+            hops = int(self.path.rsplit("/", 1)[1])
+            target = "/img.jpg" if hops == 0 else f"/redirect/{hops - 1}"
+            self.send(302, headers=[("Location", target)])
+        elif self.path == "/to-private":
+            self.send(302, headers=[("Location", f"http://127.0.0.1:{port}/img.jpg")])
+        elif self.path == "/huge-declared":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(50 * 2**20))
+            self.end_headers()
+        elif self.path == "/endless":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            try:
+                for _ in range(2000):  # 2000 x 64 KiB = 125 MiB, far past the cap; bounded all the same
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+        elif self.path == "/slow":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(40):  # a byte every 0.5 s: each read succeeds, the total deadline must stop it
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+        elif self.path == "/not-an-image":
+            self.send(200, b"hello, this is text", "image/jpeg")
+        else:
+            self.send(404, b"", "text/plain")
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x.jpg", "http://localhost/x.jpg", "http://[::1]/x.jpg", "http://169.254.169.254/latest",
+    "http://10.0.0.1/x.jpg", "http://192.168.1.1/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg", "http://2130706433/x.jpg",
+    "http://0.0.0.0/x.jpg", "http://224.0.0.1/x.jpg", "http://100.64.0.1/x.jpg", "http://[fe80::1]/x.jpg"])
+def test_private_addresses_are_refused(url):
+    with pytest.raises(app.QueryError, match="non-public address"):
+        app.fetch_url(url)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x.jpg", "file:///etc/passwd", "javascript:alert(1)", "", "x"])
+def test_other_schemes_are_refused(url):
+    with pytest.raises(app.QueryError, match="only http and https"):
+        app.fetch_url(url)
+
+
+def test_local_server_is_refused_unless_allowed(server):
+    with pytest.raises(app.QueryError, match="non-public"):
+        app.fetch_url(f"{server}/img.jpg")
+    assert app.fetch_url(f"{server}/img.jpg", allow_private=True) == jpeg_bytes()
+
+
+def test_redirects_are_followed_up_to_the_limit(server):
+    # /redirect/N answers N + 1 redirects before the image
+    assert app.fetch_url(f"{server}/redirect/2", allow_private=True) == jpeg_bytes()
+    with pytest.raises(app.QueryError, match="more than 3 redirects"):
+        app.fetch_url(f"{server}/redirect/3", allow_private=True)
+
+
+def test_public_name_redirecting_to_a_private_address_is_refused(server, monkeypatch):
+    real = app.resolve_public
+
+    def resolve(host, port, allow_private):
+        # 'public.test' plays a public server (it is our local one); every other host is checked for real.
+        return "127.0.0.1" if host == "public.test" else real(host, port, allow_private)
+
+    monkeypatch.setattr(app, "resolve_public", resolve)
+    port = server.rsplit(":", 1)[1]
+    with pytest.raises(app.QueryError, match="non-public address"):
+        app.fetch_url(f"http://public.test:{port}/to-private")
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/html", "serves 'text/html'"), ("/huge-declared", "larger than 10 MB"), ("/endless", "larger than 10 MB"),
+    ("/missing", "HTTP 404")])
+def test_bad_bodies_are_refused(server, path, message):
+    with pytest.raises(app.QueryError, match=message):
+        app.fetch_url(server + path, allow_private=True)
+
+
+def test_slow_body_hits_the_total_deadline(server, monkeypatch):
+    monkeypatch.setattr(app, "TOTAL_TIMEOUT", 2.0)
+    started = time.monotonic()
+    with pytest.raises(app.QueryError, match="longer than 2 s"):
+        app.fetch_url(f"{server}/slow", allow_private=True)
+    assert time.monotonic() - started < 5
+
+
+# --------------------------------------------------------------------------- the service and the page
+
+def catalog_photo(service, position=0):
+    """(id, JPEG bytes) of a catalog item, exactly as the dataset stores it."""
+    return int(service.catalog.meta.at[position, "id"]), service.catalog.image_bytes(position)
+
+
+def test_the_item_itself_comes_first(service):
+    item_id, data = catalog_photo(service, 3)
+    results = service.search_image_bytes(data)
+    assert len(results) == 5 and results[0]["id"] == item_id
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
+    assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score"}
+
+
+def test_filters_apply_inside_the_search(service):
+    _, data = catalog_photo(service, 0)
+    results = service.search_image_bytes(data, "Women", "Accessories", None)
+    assert len(results) == 5
+    assert all(r["gender"] == "Women" for r in results)
+    meta = service.catalog.meta.set_index("id")
+    assert all(meta.loc[r["id"], "masterCategory"] == "Accessories" for r in results)
+
+
+def test_text_query(service):
+    results = service.search_text("Red Watches")
+    assert len(results) == 5 and [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    with pytest.raises(app.QueryError, match="type a description"):
+        service.search_text("   ")
+
+
+def test_bad_upload_is_a_clear_message(service, tmp_path):
+    for name, data in (("empty.jpg", b""), ("text.jpg", b"hello"), ("cut.jpg", jpeg_bytes()[:200])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(app.QueryError, match="not a readable image"):
+            service.search_image_file(str(tmp_path / name))
+
+
+def test_index_is_persisted_reused_and_rebuilt_when_stale(service, trained_runs, cache_dir):
+    run = trained_runs["clip"]
+    info = json.loads((run / "index" / "index.json").read_text())
+    assert info["rows"] == len(service.catalog) and info["dim"] == service.encoder.dim
+    stamp = (run / "index" / "catalog.faiss").stat().st_mtime_ns
+    args = app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)])
+    app.load_service(args)
+    assert (run / "index" / "catalog.faiss").stat().st_mtime_ns == stamp  # reused
+    (run / "index" / "index.json").write_text(json.dumps({**info, "fingerprint": "stale"}))
+    app.load_service(args)
+    assert json.loads((run / "index" / "index.json").read_text())["fingerprint"] == info["fingerprint"]  # rebuilt
+
+
+def test_catalog_from_another_dataset(trained_runs, hub_dataset, cache_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    args = app.parse_args(["--run", str(run), "--dataset", str(hub_dataset), "--cache-dir", str(cache_dir)])
+    service, _ = app.load_service(args)
+    assert len(service.catalog) == 69  # every decodable row of the hub-layout folder, as one split 'all'
+
+
+def test_no_run_and_offline_is_one_clear_line(tmp_path, cache_dir):
+    from common import UserError
+
+    args = app.parse_args(["--run", str(tmp_path / "none"), "--cache-dir", str(cache_dir)])
+    with pytest.raises(UserError) as exc:
+        app.load_service(args)
+    message = str(exc.value)
+    assert "--run" in message and "--dataset" in message and "--model" in message and "\n" not in message
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(service):
+    page = app.build_page(service)
+    page.queue(default_concurrency_limit=16)
+    port = free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, max_file_size="10mb",
+                quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def test_api_with_gradio_client(served, service, server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(served, verbose=False)
+    item_id, data = catalog_photo(service, 5)
+    (tmp_path / "query.jpg").write_bytes(data)
+    results = client.predict(handle_file(str(tmp_path / "query.jpg")), "Any", "Any", "Any", api_name="/search_image")
+    assert len(results) == 5 and results[0]["id"] == item_id
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    text = client.predict("Blue Shirts", "Men", "Any", "Any", api_name="/search_text")
+    assert len(text) == 5 and all(r["gender"] == "Men" for r in text)
+    by_url = client.predict(f"{server}/img.jpg", "Any", "Any", "Any", api_name="/search_url")
+    assert len(by_url) == 5
+    with pytest.raises(Exception, match="only http and https"):
+        client.predict("file:///etc/passwd", "Any", "Any", "Any", api_name="/search_url")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(Exception, match="not a readable image"):
+        client.predict(handle_file(str(tmp_path / "bad.jpg")), "Any", "Any", "Any", api_name="/search_image")
+    assert client.predict("Red Watches", "Any", "Any", "Any", api_name="/search_text")  # still serving
+
+
+def test_page_in_headless_chromium(served, service, tmp_path):
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian chromium / chromium-driver not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1200"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(served)
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+        assert f"{len(service.catalog):,}" in browser.find_element(By.TAG_NAME, "body").text
+        _, data = catalog_photo(service, 1)
+        (tmp_path / "query.jpg").write_bytes(data)
+        browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(tmp_path / "query.jpg"))
+        WebDriverWait(browser, 60).until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results-gallery img")) >= 5)
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "app_search.png"))
+        assert "score" in browser.find_element(By.TAG_NAME, "body").text
+    finally:
+        browser.quit()
