@@ -411,8 +411,8 @@ class SearchService:
 
     def gallery(self, results):
         return [(common.open_image(self.catalog.image_bytes(self.catalog.row_of_id[r["id"]])),
-                 f"{r['productDisplayName']} | {r['articleType']}, {r['baseColour']}, {r['gender']} | "
-                 f"score {r['score']:.3f}") for r in results]
+                 f"score {r['score']:.3f} · {r['articleType']} · {r['baseColour']} · {r['gender']} · "
+                 f"{r['productDisplayName']}") for r in results]
 
 
 def build_page(service: SearchService, notice: str = ""):

@@ -2,6 +2,7 @@
 and tiny trained runs. No test touches the network: the hub is switched to offline mode before any import."""
 import io
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -135,3 +136,23 @@ def service(trained_runs, cache_dir):
     service, notice = app.load_service(args)
     assert notice == ""
     return service
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served(service):
+    """The page + API on 127.0.0.1 (a free port), for gradio_client, the browser and the web-safety tests."""
+    import app
+
+    page = app.build_page(service)
+    page.queue(default_concurrency_limit=16)
+    port = free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, max_file_size="10mb",
+                quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    page.close()

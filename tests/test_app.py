@@ -4,7 +4,6 @@ import http.server
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -223,23 +222,6 @@ def test_no_run_and_offline_is_one_clear_line(tmp_path, cache_dir):
     assert "--run" in message and "--dataset" in message and "--model" in message and "\n" not in message
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(service):
-    page = app.build_page(service)
-    page.queue(default_concurrency_limit=16)
-    port = free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, max_file_size="10mb",
-                quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    page.close()
-
-
 def test_api_with_gradio_client(served, service, server, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -251,6 +233,8 @@ def test_api_with_gradio_client(served, service, server, tmp_path):
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     text = client.predict("Blue Shirts", "Men", "Any", "Any", api_name="/search_text")
     assert len(text) == 5 and all(r["gender"] == "Men" for r in text)
+    by_item = client.predict(results[2]["id"], "Any", "Any", "Any", api_name="/search_item")  # a click on a result
+    assert by_item[0]["id"] == results[2]["id"] and len(by_item) == 5
     by_url = client.predict(f"{server}/img.jpg", "Any", "Any", "Any", api_name="/search_url")
     assert len(by_url) == 5
     with pytest.raises(Exception, match="only http and https"):

@@ -1,0 +1,82 @@
+"""App end to end through gradio_client: p50 / p95 / p99 latency and throughput for 1 and N concurrent clients
+uploading 224 px product photos to /search_image. A bounded run (a fixed number of requests) against an app
+already serving on 127.0.0.1; it stops by itself.
+
+Usage: python app.py --model PATH --dataset PATH &   then   python benchmarks/app_latency.py --clients 1 8
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
+
+
+def photos(count, folder):
+    import datasets
+    from datasets import Image as ImageFeature
+
+    ds = datasets.load_dataset(str(SHARED), split="train").cast_column("image", ImageFeature(decode=False))
+    paths = []
+    for i, cell in enumerate(ds.select(range(count))["image"]):
+        path = Path(folder) / f"q{i}.jpg"
+        path.write_bytes(cell["bytes"])
+        paths.append(str(path))
+    return paths
+
+
+def run(url, clients, requests, paths):
+    from gradio_client import Client, handle_file
+
+    latencies, errors, lock = [], [], threading.Lock()
+    per_client = requests // clients
+
+    def worker(offset):
+        client = Client(url, verbose=False)
+        client.predict(handle_file(paths[offset]), "Any", "Any", "Any", api_name="/search_image")  # warm-up
+        for i in range(per_client):
+            started = time.perf_counter()
+            try:
+                result = client.predict(handle_file(paths[(offset + i) % len(paths)]), "Any", "Any", "Any",
+                                        api_name="/search_image")
+                assert len(result) == 5
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - counted, reported
+                with lock:
+                    errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(c * 7,)) for c in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    ms = sorted(x * 1e3 for x in latencies)
+    pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
+    print(f"| {clients} | {len(ms)} | {statistics.median(ms):.1f} | {pick(0.95):.1f} | {pick(0.99):.1f} | "
+          f"{len(ms) / elapsed:.1f} | {len(errors)} |", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:7860/")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--requests", type=int, default=200, help="per setting; the run stops after these")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = photos(64, folder)
+        print("| clients | requests | p50 ms | p95 ms | p99 ms | requests/s | errors |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for clients in args.clients:
+            run(args.url, clients, args.requests, paths)
+
+
+if __name__ == "__main__":
+    main()

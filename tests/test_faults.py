@@ -1,0 +1,124 @@
+"""Faults: kill -9 mid-training then --resume, kill -9 mid-write, mismatched artifacts, and the web server's file
+routes (no path traversal)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(processed, cache_dir, tmp_path):
+    argv = tiny_args(processed, tmp_path / "full", cache_dir, "--epochs", "6")
+    subprocess.run([sys.executable, "resnet.py", *argv], cwd=REPO, env=ENV, check=True, capture_output=True,
+                   timeout=300)
+    killed = tmp_path / "killed"
+    argv = tiny_args(processed, killed, cache_dir, "--epochs", "6")
+    process = subprocess.Popen([sys.executable, "resnet.py", *argv], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "last.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)  # somewhere after epoch 1's checkpoint, mid-epoch or mid-write
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "metrics.json").exists()
+    subprocess.run([sys.executable, "resnet.py", *argv, "--resume"], cwd=REPO, env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((killed / "metrics.json").read_text())
+    for key in ("precision@5", "map@r", "macro_precision@5"):
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6)  # same seed, same batches: same result
+    assert len((killed / "log.jsonl").read_text().splitlines()) == 6
+
+
+WRITER = """
+import sys, time, torch
+sys.path.insert(0, {repo!r})
+import common
+big = {{"weights": torch.arange(40_000_000, dtype=torch.float32)}}  # 160 MB: the write takes a while
+print("ready", flush=True)
+while True:
+    common.atomic_torch_save({path!r}, big)
+"""
+
+
+def test_kill_9_during_a_write_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    common.atomic_torch_save(path, {"weights": torch.ones(3)})
+    process = subprocess.Popen([sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path))],
+                               stdout=subprocess.PIPE, env=ENV)
+    assert process.stdout.readline().strip() == b"ready"
+    time.sleep(0.3)  # inside the first write
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = torch.load(path, weights_only=True)  # whole, old or new, never half
+    assert state["weights"].numel() in (3, 40_000_000)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
+    assert all(name.startswith(".checkpoint.pt.") for name in leftovers)  # only a temp file may remain
+
+
+def test_run_with_mismatched_embeddings_is_one_clear_message(trained_runs, cache_dir, tmp_path):
+    import app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    np.save(run / "embeddings" / "val.npy", np.zeros((3, 7), dtype=np.float32))
+    with pytest.raises(common.UserError, match="val.npy has shape"):
+        app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    shutil.copy(trained_runs["clip"] / "embeddings" / "val.npy", run / "embeddings" / "val.npy")
+    (run / "embeddings" / "test.npy").unlink()
+    with pytest.raises(common.UserError, match="test.npy"):
+        app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+
+
+def test_evaluation_of_a_run_without_embeddings_names_the_files(tmp_path, capsys):
+    import evaluation
+
+    (tmp_path / "empty-run").mkdir()
+    assert evaluation.main([str(tmp_path / "empty-run"), "--output", str(tmp_path / "t.md"),
+                            "--plot", str(tmp_path / "p.png")]) == 2
+    assert "embeddings/test.npy" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_label_map_is_refused(trained_runs, processed, tmp_path):
+    import resnet
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["resnet"], run)
+    state = torch.load(run / "best.pt", weights_only=False)
+    state["label_names"] = state["label_names"] + ["Extra class"]
+    torch.save(state, run / "best.pt")
+    with pytest.raises(common.UserError, match="does not match"):
+        resnet.main(["--embed-only", "--checkpoint", str(run), "--data", str(processed),
+                     "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+
+
+def test_gradio_file_routes_serve_no_file_outside_the_app(served):
+    import httpx
+
+    secret = Path("/etc/hostname") if Path("/etc/hostname").exists() else Path("/etc/passwd")
+    for route in (f"gradio_api/file={secret}", f"file={secret}", f"gradio_api/file=../../../../{secret}",
+                  f"gradio_api/file=%2F..%2F..%2F..{secret}", f"gradio_api/file={REPO / 'app.py'}"):
+        response = httpx.get(served + route, timeout=10)
+        assert response.status_code in (403, 404, 405), route
+        assert secret.read_text()[:20] not in response.text or not secret.read_text().strip()
+
+
+def test_server_binds_loopback_and_shares_nothing_by_default():
+    import app
+
+    args = app.parse_args([])
+    assert args.host == "127.0.0.1" and args.share is False and args.max_upload_mb == 10
