@@ -192,8 +192,10 @@ class Encoder:
         self.image_size = int(size.get("height") or size.get("shortest_edge"))
         self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
         self.device = common.resolve_device(device)
-        self.model.to(self.device)
         self.dtype = common.autocast_dtype(self.device)
+        # Inference only: bf16 weights run the ViT 1.5x faster on a bf16 CPU than autocast over fp32 weights,
+        # which re-casts every weight on every call (benchmarks/embed_throughput.py).
+        self.model.to(self.device, dtype=self.dtype or torch.float32)
         self.dim = self.model.config.projection_dim
         self.batcher = MicroBatcher(self.embed_pixels)
 
@@ -228,11 +230,38 @@ class Encoder:
         return self.torch.nn.functional.normalize(features, dim=1)[0].cpu().numpy()
 
 
+# Index type by catalog size, from benchmarks/search.py on 2 cores (BENCHMARKS.md): exact search costs ~1.8 ms per
+# query at 10k vectors of dim 512, ~11 ms at 44k and ~300 ms at 1M; HNSW (M=32) answers in 0.1-0.4 ms, with
+# recall@5 >= 0.997 up to 100k at efSearch 64, and 0.955 at 1M with efSearch 128. Small catalogs stay exact.
+EXACT_UP_TO = 5_000
+HNSW_M, HNSW_EF_CONSTRUCTION = 32, 64
+
+
+def hnsw_ef_search(rows: int) -> int:
+    return 64 if rows <= 200_000 else 128
+
+
+def index_kind(rows: int) -> str:
+    return "Flat" if rows <= EXACT_UP_TO else f"HNSW{HNSW_M},ef{hnsw_ef_search(rows)}"
+
+
 def build_index(embeddings: np.ndarray):
     import faiss
 
-    index = faiss.IndexFlatIP(embeddings.shape[1])  # exact; the catalog fits (see BENCHMARKS.md for larger)
+    rows, dim = embeddings.shape
+    if index_kind(rows) == "Flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        print(f"building an HNSW index over {rows:,} items")
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return tune(index)
+
+
+def tune(index):
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = hnsw_ef_search(index.ntotal)  # a search-time setting: set again after every load
     return index
 
 
@@ -284,25 +313,35 @@ def catalog_fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def load_or_build_index(index_dir: Path, embeddings: np.ndarray, fingerprint: str):
+def read_json(path: Path) -> dict:
+    """The file's JSON object, or {} when it is missing or damaged (the index is then rebuilt, not served)."""
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load_or_build_index(index_dir: Path, embeddings: np.ndarray, catalog: str):
     """Reuse the saved index when its fingerprint, dimension and row count match; rebuild it otherwise. A stale
     or mismatched index is never served."""
     import faiss
 
+    fingerprint = catalog_fingerprint({"catalog": catalog, "index": index_kind(len(embeddings))})
     index_path, info_path = index_dir / "catalog.faiss", index_dir / "index.json"
     if index_path.exists() and info_path.exists():
-        info = json.loads(info_path.read_text())
-        if info.get("fingerprint") == fingerprint:
+        if read_json(info_path).get("fingerprint") == fingerprint:
             try:
                 index = faiss.read_index(str(index_path))
             except RuntimeError:  # unreadable file: rebuilt below
                 index = None
             if index is not None and index.d == embeddings.shape[1] and index.ntotal == len(embeddings):
-                return index
+                return tune(index)
         print(f"index in {index_dir} is stale (model or catalog changed): rebuilding")
     index = build_index(embeddings)
     common._atomic(index_path, lambda tmp: faiss.write_index(index, tmp))
-    common.atomic_write_json(info_path, {"fingerprint": fingerprint, "dim": int(index.d), "rows": int(index.ntotal),
+    common.atomic_write_json(info_path, {"fingerprint": fingerprint, "catalog": catalog,
+                                         "dim": int(index.d), "rows": int(index.ntotal),
                                          "type": type(index).__name__})
     return index
 
@@ -356,7 +395,7 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     fingerprint = catalog_fingerprint(parts)
     cached_vectors, cached_meta = index_dir / "catalog.npy", index_dir / "catalog.parquet"
     info_path = index_dir / "index.json"
-    fresh = info_path.exists() and json.loads(info_path.read_text()).get("fingerprint") == fingerprint
+    fresh = read_json(info_path).get("catalog") == fingerprint
     if fresh and cached_vectors.exists() and cached_meta.exists():
         embeddings, meta = np.load(cached_vectors), pd.read_parquet(cached_meta)
     else:
@@ -463,7 +502,6 @@ def build_page(service: SearchService, notice: str = ""):
         results = gr.JSON(label="results")
         item_id = gr.Number(visible=False, precision=0)
 
-        render = guarded(service.gallery)
         for trigger, fn, source, name in (
                 (image_button.click, service.search_image_file, image, "search_image"),
                 (image.upload, service.search_image_file, image, None),
@@ -471,16 +509,20 @@ def build_page(service: SearchService, notice: str = ""):
                 (url.submit, service.search_url, url, None),
                 (text_button.click, service.search_text, text, "search_text"),
                 (text.submit, service.search_text, text, None)):
-            event = trigger(guarded(fn), [source, *filters], results, api_name=name,
-                            api_visibility="public" if name else "private")
-            event.success(render, results, gallery, api_visibility="private")
+            trigger(guarded(fn), [source, *filters], results, api_name=name,
+                    api_visibility="public" if name else "private")
+        # The gallery is drawn on the page's own 'change' of the results, so API calls (which return only the
+        # records) never pay for decoding and re-encoding five photos.
+        results.change(guarded(service.gallery), results, gallery, api_visibility="private")
 
-        def clicked(current, selection: gr.SelectData):
+        def clicked(current, selection):
             return current[selection.index]["id"]
+        # gr.SelectData is injected by type; the annotation must be the class, not the string the
+        # __future__ import would make of it.
+        clicked.__annotations__ = {"selection": gr.SelectData}
 
         gallery.select(clicked, results, item_id, api_visibility="private").success(
-            guarded(service.search_item), [item_id, *filters], results, api_name="search_item").success(
-            render, results, gallery, api_visibility="private")
+            guarded(service.search_item), [item_id, *filters], results, api_name="search_item")
     return page
 
 

@@ -222,6 +222,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def square_uint8(image: Image.Image, size: int) -> np.ndarray:
     """Pad to a square on white (product photos have white backgrounds, so nothing is cropped away),
     resize to size x size and return uint8 [3, size, size]."""
+    if image.size == (size, size):
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # already the input size: nothing to resample
     # ImageOps.pad's arithmetic, with each side at least 1 pixel (it fails on e.g. 20000 x 20).
     scale = size / max(image.width, image.height)
     width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))

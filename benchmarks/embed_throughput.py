@@ -122,6 +122,8 @@ def main(argv=None):
             naive = args.naive_images / (time.perf_counter() - started)
         # Ours: batched decode to uint8, then the shared embed_images (inference_mode, autocast, channels_last).
         wrapped = Wrapped(model, embed, mean, std)
+        if name == "clip" and dtype == torch.bfloat16:
+            wrapped.to(torch.bfloat16)  # what app.py does: bf16 weights beat autocast for the ViT (not for the CNN)
         if channels_last:
             wrapped.to(memory_format=torch.channels_last)
         common.embed_images(wrapped, np.stack([common.decode_square(d, size) for d in data[:8]]), device, dtype,

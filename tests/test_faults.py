@@ -122,3 +122,31 @@ def test_server_binds_loopback_and_shares_nothing_by_default():
 
     args = app.parse_args([])
     assert args.host == "127.0.0.1" and args.share is False and args.max_upload_mb == 10
+
+
+def test_damaged_index_files_are_rebuilt_not_served(trained_runs, cache_dir, tmp_path):
+    import app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    args = app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)])
+    app.load_service(args)
+    for damage in ((run / "index" / "catalog.faiss", b"not an index"), (run / "index" / "index.json", b"{not json")):
+        damage[0].write_bytes(damage[1])
+        service, _ = app.load_service(args)
+        assert service.catalog.index.ntotal == len(service.catalog)
+        assert json.loads((run / "index" / "index.json").read_text())["rows"] == len(service.catalog)
+
+
+def test_index_type_follows_catalog_size():
+    import app
+
+    small = app.build_index(np.eye(8, 16, dtype=np.float32))
+    assert type(small).__name__ == "IndexFlatIP"
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((app.EXACT_UP_TO + 1, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    large = app.build_index(vectors)
+    assert hasattr(large, "hnsw") and large.hnsw.efSearch == app.hnsw_ef_search(len(vectors))
+    _, found = large.search(vectors[:50], 1)
+    assert (found[:, 0] == np.arange(50)).mean() >= 0.98  # each vector finds itself
