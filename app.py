@@ -466,17 +466,15 @@ def build_page(service: SearchService, notice: str = ""):
         call.__name__ = fn.__name__
         return call
 
-    class SafeImage(gr.Image):
-        """An upload Pillow cannot open becomes the same clear message as any other bad image."""
-
-        def get_block_name(self):
-            return "image"  # the front end draws it as a plain gr.Image
-
-        def preprocess(self, payload):
+    def safe_preprocess(preprocess):
+        """An upload Pillow cannot open becomes the same clear message as any other bad image. (Wrapping the
+        instance's method rather than subclassing gr.Image: Gradio writes a .pyi stub beside every subclass.)"""
+        def call(payload):
             try:
-                return super().preprocess(payload)
+                return preprocess(payload)
             except Exception as exc:  # noqa: BLE001 - any decoder failure is the user's file, not the server
                 raise gr.Error(f"not a readable image ({type(exc).__name__})", print_exception=False) from None
+        return call
 
     catalog = service.catalog
     with gr.Blocks(title="Fashion similarity search") as page:
@@ -489,7 +487,8 @@ def build_page(service: SearchService, notice: str = ""):
         filters = [gender, master, article]
         with gr.Tabs():
             with gr.Tab("Photo"):
-                image = SafeImage(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
+                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
+                image.preprocess = safe_preprocess(image.preprocess)
                 image_button = gr.Button("Search by photo", variant="primary")
             with gr.Tab("Image URL"):
                 url = gr.Textbox(label="image URL", placeholder="https://...")
