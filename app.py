@@ -559,8 +559,9 @@ def load_service(args) -> tuple[SearchService, str]:
         index_dir = Path("runs") / "zero-shot-clip" / "index"
         catalog, _ = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model)
     except common.UserError as exc:
-        raise common.UserError(f"{exc}. No run at --run {run}; pass --run RUN_DIR (a clip.py run), or local copies "
-                               f"with --dataset PATH and --model PATH") from None
+        cause = str(exc).split(";")[0]  # what failed, without the model scripts' advice
+        raise common.UserError(f"no run at --run {run}, and the zero-shot fallback failed: {cause}; pass --run RUN_DIR "
+                               f"(a clip.py run), or local copies with --dataset PATH and --model PATH") from None
     return SearchService(encoder, catalog, f"pretrained {args.model} (zero-shot)", args.allow_private_urls), notice
 
 
