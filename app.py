@@ -358,7 +358,7 @@ def dataset_image_bytes(splits: dict):
     return get
 
 
-def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str) -> tuple[Catalog, str]:
+def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str) -> Catalog:
     """The fine-tuned run's own embeddings of every split (the whole catalog), or, with --dataset, that dataset
     embedded with the run's model."""
     if dataset:
@@ -382,7 +382,7 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
     parts["model"] = common.file_sha256(next((run / "hf_model").glob("*.safetensors")))
     fingerprint = catalog_fingerprint(parts)
     index = load_or_build_index(run / "index", embeddings, fingerprint)
-    return Catalog(embeddings, meta, dataset_image_bytes(data), index), fingerprint
+    return Catalog(embeddings, meta, dataset_image_bytes(data), index)
 
 
 def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str):
@@ -409,7 +409,7 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
         common.atomic_save_npy(cached_vectors, embeddings)
         common.atomic_write_parquet(cached_meta, meta)
     index = load_or_build_index(index_dir, embeddings, fingerprint)
-    return Catalog(embeddings, meta, dataset_image_bytes(splits), index), fingerprint
+    return Catalog(embeddings, meta, dataset_image_bytes(splits), index)
 
 
 # --------------------------------------------------------------------------- the service: queries -> results
@@ -548,7 +548,7 @@ def load_service(args) -> tuple[SearchService, str]:
     run = Path(args.run)
     if (run / "hf_model" / "config.json").exists():
         encoder = Encoder(str(run / "hf_model"), args.device)
-        catalog, _ = catalog_from_run(run, encoder, args.dataset, args.cache_dir)
+        catalog = catalog_from_run(run, encoder, args.dataset, args.cache_dir)
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {args.model} "
               f"zero-shot.")
@@ -557,7 +557,7 @@ def load_service(args) -> tuple[SearchService, str]:
     try:
         encoder = Encoder(args.model, args.device)
         index_dir = Path("runs") / "zero-shot-clip" / "index"
-        catalog, _ = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model)
+        catalog = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model)
     except common.UserError as exc:
         cause = str(exc).split(";")[0]  # what failed, without the model scripts' advice
         raise common.UserError(f"no run at --run {run}, and the zero-shot fallback failed: {cause}; pass --run RUN_DIR "

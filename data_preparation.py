@@ -151,7 +151,7 @@ def main(argv=None):
             ("dropped: missing label", int((~has_label).sum())),
             (f"dropped: classes with < {args.min_class_size} rows ({len(small)} classes)", sum(counts[c] for c in small)),
             ("classes kept", len(names)),
-            (f"classes too small to stratify, all in train", len(train_only))]
+            ("classes too small to stratify, all in train", len(train_only))]
     rows += [(f"{split} rows", len(splits[split])) for split in splits]
     width = max(len(name) for name, _ in rows)
     print(f"| {'':<{width}} | count |\n|{'-' * (width + 2)}|------:|")

@@ -8,13 +8,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
 import app
-from conftest import product_photo
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
