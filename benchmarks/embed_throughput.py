@@ -22,20 +22,28 @@ import common  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
 
 
-def matmul_peak(dtype, size=2048, repeats=10):
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype, device, size=2048, repeats=10):
+    size = size * 4 if device.type == "cuda" else size
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
     torch.matmul(a, b)
+    sync(device)
     started = time.perf_counter()
     for _ in range(repeats):
         torch.matmul(a, b)
+    sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def flops_per_image(fn, size):
+def flops_per_image(fn, size, device):
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        fn(torch.randn(1, 3, size, size))
+        fn(torch.randn(1, 3, size, size, device=device))
     return counter.get_total_flops()
 
 
@@ -103,7 +111,7 @@ def main(argv=None):
     device = common.resolve_device(args.device)
     dtype = common.autocast_dtype(device)
     data = jpegs(args.images)
-    fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    fp32_peak, bf16_peak = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, autocast {dtype}")
     print(f"matmul peak: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s")
     print("| model | size | naive img/s | ours img/s | speed-up | GFLOP/img | share of bf16 peak |")
@@ -112,13 +120,13 @@ def main(argv=None):
         model, embed, naive_preprocess, mean, std, channels_last = build(name)
         model.to(device)
         size = 224
-        flops = flops_per_image(embed, size)
+        flops = flops_per_image(embed, size, device)
         # Naive: one image at a time, fp32, library preprocessing.
         with torch.inference_mode():
             embed(naive_preprocess(data[0]).to(device))
             started = time.perf_counter()
             for item in data[:args.naive_images]:
-                torch.nn.functional.normalize(embed(naive_preprocess(item).to(device)), dim=1)
+                torch.nn.functional.normalize(embed(naive_preprocess(item).to(device)), dim=1).cpu()
             naive = args.naive_images / (time.perf_counter() - started)
         # Ours: batched decode to uint8, then the shared embed_images (inference_mode, autocast, channels_last).
         wrapped = Wrapped(model, embed, mean, std)
