@@ -273,6 +273,8 @@ class Catalog:
         self.embeddings, self.meta, self.index = embeddings, meta.reset_index(drop=True), index
         self._image_bytes = image_bytes
         self.row_of_id = {int(i): r for r, i in enumerate(self.meta["id"])}
+        # String views of the filter columns, made once rather than on every filtered query.
+        self.filter_values = {c: self.meta[c].astype(str).to_numpy() for c in FILTER_COLUMNS if c in self.meta}
 
     def __len__(self):
         return len(self.meta)
@@ -290,7 +292,7 @@ class Catalog:
         mask = np.ones(len(self.meta), dtype=bool)
         for column, value in (filters or {}).items():
             if value and value != ANY:
-                mask &= (self.meta[column].astype(str) == value).to_numpy()
+                mask &= self.filter_values[column] == value
         if mask.all():
             scores, rows = self.index.search(vector, min(k, len(self.meta)))
             scores, rows = scores[0], rows[0]
@@ -353,8 +355,7 @@ def dataset_image_bytes(splits: dict):
     raw = {name: split.cast_column("image", ImageFeature(decode=False)) for name, split in splits.items()}
 
     def get(split, row):
-        cell = raw[split][int(row)]["image"]
-        return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+        return common.cell_bytes(raw[split][int(row)]["image"])
     return get
 
 

@@ -292,6 +292,11 @@ def metadata_frame(split_ds, split_name: str):
     return frame
 
 
+def cell_bytes(cell) -> bytes:
+    """The encoded image of a datasets Image cell read with decode=False: inline bytes, or the file they point to."""
+    return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+
+
 def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image of a split once, resized to size x size, into a uint8 [N, 3, S, S] .npy that is
     memory-mapped afterwards, so that no epoch decodes a JPEG twice. Returns (images, ok) where ok[i] is
@@ -313,8 +318,7 @@ def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]
         for start in tqdm(range(0, len(raw), 512), desc=f"decode {size}px", unit="batch", leave=False, disable=None):
             for offset, cell in enumerate(raw[start:start + 512]["image"]):
                 try:
-                    data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
-                    images[start + offset] = decode_square(data, size)
+                    images[start + offset] = decode_square(cell_bytes(cell), size)
                 except (ValueError, OSError, TypeError, AttributeError):
                     ok[start + offset] = False
         images.flush()
