@@ -566,14 +566,67 @@ def load_service(args) -> tuple[SearchService, str]:
     return SearchService(encoder, catalog, f"pretrained {args.model} (zero-shot)", args.allow_private_urls), notice
 
 
+def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
+    """Plain HTTP + JSON routes beside the page, for programs that need speed: one request, no upload step, no
+    queue, no event stream. Through gradio_client a query costs ~90-150 ms of client and Gradio overhead on 2 cores
+    even when no model runs (BENCHMARKS.md, section 3); here it costs the model and little else.
+
+        POST /api/search_image?gender=..&masterCategory=..&articleType=..   body: the image file's bytes
+        GET  /api/search_text?q=navy+shirt&gender=..                        (also /api/search_url?url=..)
+    Answer: {"results": [records, best first]}, or {"error": message} with status 400 (413 for too large)."""
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    async def answer(search, query, *first):
+        filters = [query.get(column) for column in FILTER_COLUMNS]
+        try:  # the search runs in a worker thread: concurrent requests meet in the MicroBatcher
+            return JSONResponse({"results": await run_in_threadpool(search, *first, *filters)})
+        except QueryError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    async def search_image(request):  # Starlette routes: the request comes as is
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_upload_bytes:
+            return JSONResponse({"error": f"the image is over {max_upload_bytes // 2**20} MB"}, status_code=413)
+        data = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a missing or false length cannot get past
+            data += chunk
+            if len(data) > max_upload_bytes:
+                return JSONResponse({"error": f"the image is over {max_upload_bytes // 2**20} MB"}, status_code=413)
+        if not data:
+            return JSONResponse({"error": "send the image file as the request body"}, status_code=400)
+        return await answer(service.search_image_bytes, request.query_params, bytes(data))
+
+    async def search_text(request):
+        return await answer(service.search_text, request.query_params, request.query_params.get("q", ""))
+
+    async def search_url(request):
+        return await answer(service.search_url, request.query_params, request.query_params.get("url", ""))
+
+    fastapi_app.add_route("/api/search_image", search_image, methods=["POST"])
+    fastapi_app.add_route("/api/search_text", search_text, methods=["GET"])
+    fastapi_app.add_route("/api/search_url", search_url, methods=["GET"])
+
+
+def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=False, max_upload_mb=10,
+          block=True, **launch_kwargs):
+    """The page, its Gradio API and the plain JSON API on one server (main() and the tests start it the same way)."""
+    page = build_page(service, notice)
+    page.queue(default_concurrency_limit=16)  # concurrent requests meet in the MicroBatcher
+    page.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
+                footer_links=["api"], show_error=False, prevent_thread_lock=True, **launch_kwargs)
+    add_json_api(page.app, service, max_upload_mb * 2**20)
+    if block:
+        page.block_thread()
+    return page
+
+
 def main(argv=None):
     args = parse_args(argv)
     service, notice = load_service(args)
-    page = build_page(service, notice)
-    page.queue(default_concurrency_limit=16)  # concurrent requests meet in the MicroBatcher
-    print(f"serving {len(service.catalog):,} items with {service.model_name} on http://{args.host}:{args.port}")
-    page.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"], show_error=False)
+    print(f"serving {len(service.catalog):,} items with {service.model_name} on http://{args.host}:{args.port} "
+          f"(JSON API: POST /api/search_image, GET /api/search_text?q=)")
+    serve(service, notice, args.host, args.port, args.share, args.max_upload_mb)
 
 
 if __name__ == "__main__":

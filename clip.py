@@ -37,13 +37,14 @@ class CLIPClassifier(nn.Module):
 
 
 def scratch_config(args):
-    """The ViT-B/32 family scaled to a CPU budget: patch 8 at small sizes (64 px -> 8x8 tokens)."""
+    """The ViT-B/32 family scaled to a CPU budget: a coarse patch grid as in ViT-B/32 (7x7 at 224 px; patch 16 gives
+    4x4 at 64 px), ViT-Tiny width (192, 3 heads, 6 layers) and a 2-layer text tower (product names are short)."""
     from transformers import CLIPConfig
 
-    patch = 8 if args.image_size <= 96 else 16
-    width, layers, heads = (32, 1, 2) if args.tiny else (256, 6, 4)
+    patch = 16 if args.image_size < 160 else 32
+    width, layers, heads, text_layers = (32, 1, 2, 1) if args.tiny else (192, 6, 3, 2)
     tokenizer = common.char_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=text_layers,
                 num_attention_heads=heads, max_position_embeddings=args.max_text_length,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
     vision = dict(image_size=args.image_size, patch_size=patch, hidden_size=width, intermediate_size=4 * width,
@@ -75,7 +76,9 @@ def export(model, tokenizer, image_size, folder):
     """A standard save_pretrained folder (model, tokenizer, image processor) that the app loads. Inputs are padded
     to a white square before the processor's resize, as in training."""
     from transformers import CLIPImageProcessor
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # a one-shard save needs no progress bar in the run's log
     folder.mkdir(parents=True, exist_ok=True)
     model.clip.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -90,6 +93,8 @@ def main(argv=None):
     tokenizer = load_tokenizer(args)
     dataset, _ = common.load_processed(args.data)
     names = dataset["train"]["productDisplayName"][:args.limit or None]
+    # Names end with the article type ("Turtle Check Men Navy Blue Shirt"): cut long ones from the left.
+    tokenizer.truncation_side = "left"
     tokens = tokenizer([name or "" for name in names], padding="max_length", truncation=True,
                        max_length=args.max_text_length, return_tensors="pt")  # input_ids [N, L]
 

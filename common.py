@@ -485,6 +485,9 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
     add("--warmup", type=float, default=0.05, help="fraction of steps with linear warmup")
     add("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
     add("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    add("--time-budget", type=float, default=None, metavar="MINUTES",
+        help="wall-time budget for training + validation: the LR schedule follows whichever of steps or time runs "
+             "out first, and training stops in time for a last validation (fair comparisons on a shared CPU)")
     add("--limit", type=positive_int, default=None, help="use at most this many rows per split (quick runs)")
     add("--seed", type=int, default=0)
     add("--device", type=device_arg, default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
@@ -550,12 +553,19 @@ class Run:
 def training_fingerprint(args) -> dict:
     """The arguments that must match for --resume to continue the same run."""
     keys = ("data", "model", "from_scratch", "tiny", "image_size", "epochs", "batch_size", "lr", "weight_decay",
-            "warmup", "max_steps", "limit", "seed")
+            "warmup", "max_steps", "limit", "seed", "time_budget")
     return {k: getattr(args, k, None) for k in keys}
 
 
-def lr_lambda(total_steps: int, warmup_steps: int):
+def lr_lambda(total_steps: int, warmup_steps: int, time_progress=None):
+    """Linear warmup then cosine decay over the steps; with a time budget, ``time_progress()`` (0..1, the share
+    of the budget used) moves the schedule on when time runs out faster than the steps."""
     def factor(step):
+        if time_progress is not None:
+            progress, warm = max(step / total_steps, time_progress()), warmup_steps / total_steps
+            if progress < warm:
+                return max(progress, 1 / total_steps) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warm) / max(1e-9, 1 - warm))))
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -581,7 +591,17 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(args.warmup * total_steps)))
+    # --time-budget: seconds spent in fit (training and validation, summed over resumed sessions) against the budget
+    budget = args.time_budget * 60 if getattr(args, "time_budget", None) else None
+    clock = {"spent_before": 0.0, "session_start": time.perf_counter(), "last_val": 0.0}
+
+    def spent():
+        return clock["spent_before"] + time.perf_counter() - clock["session_start"]
+
+    # training ends when spent + one validation reaches the budget: the schedule reaches its end at that moment
+    time_progress = (lambda: min(1.0, spent() / max(1e-9, budget - clock["last_val"]))) if budget else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(args.warmup * total_steps),
+                                                                       time_progress))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, step, best_score, best_epoch = 0, 0, -1.0, -1
     if args.resume and run.last.exists():
@@ -594,6 +614,7 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, step, best_score, best_epoch = state["epoch"] + 1, state["step"], state["best_score"], state["best_epoch"]
+        clock["spent_before"] = state.get("seconds_spent", 0.0)
         run.trim_log(start_epoch)  # lines of an epoch that was cut short are written again
         print(f"resumed from {run.last} after epoch {state['epoch'] + 1}, step {step}")
     for epoch in range(start_epoch, epochs):
@@ -603,8 +624,12 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
         started, data_wait, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=None)
         fetch_started = time.perf_counter()
+        out_of_time = False
         for images, labels, rows in bar:
             if step >= total_steps:
+                break
+            if budget and spent() + clock["last_val"] >= budget:  # leave time for the last validation
+                out_of_time = True
                 break
             images = augment(normalize(images, model.mean, model.std, device, channels_last), generator)
             labels = labels.to(device, non_blocking=True)
@@ -625,9 +650,11 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             fetch_started = time.perf_counter()
         train_seconds = time.perf_counter() - started
+        val_started = time.perf_counter()
         val_embeddings = embed_images(model, val_rows.images, device, dtype, args.eval_batch_size, "val",
                                       channels_last)
         score = leave_one_out_precision(val_embeddings, val_rows.labels, k=5)
+        clock["last_val"] = time.perf_counter() - val_started
         improved = score > best_score
         if improved:
             best_score, best_epoch = score, epoch
@@ -641,11 +668,15 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
         atomic_torch_save(run.last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                      "epoch": epoch, "step": step, "best_score": best_score,
-                                     "best_epoch": best_epoch, "fingerprint": training_fingerprint(args)})
+                                     "best_epoch": best_epoch, "fingerprint": training_fingerprint(args),
+                                     "seconds_spent": spent()})
         print(f"epoch {epoch + 1}/{epochs} loss {record['train_loss']:.4f} val_precision@5 {score:.4f}"
               f"{' *' if improved else ''} {record['images_per_second']:.0f} img/s "
               f"data-wait {record['data_wait_share']:.1%}", flush=True)
         if step >= total_steps:
+            break
+        if out_of_time or (budget and spent() + clock["last_val"] >= budget):
+            print(f"time budget of {args.time_budget:g} min reached after {step} steps (epoch {epoch + 1})")
             break
     if not run.best.exists():
         raise UserError(f"no epoch finished in {run.dir}; nothing to export")
@@ -715,7 +746,24 @@ def train_and_export(args, name, build_model, loss_fn, make_sampler=None, channe
     return metrics
 
 
+def fold_batchnorm(model):
+    """For inference: a copy of the model whose ResNet backbone has each BatchNorm folded into the convolution
+    before it (torch.fx fuse; the same function in eval mode, up to float rounding). Saves the BatchNorm passes:
+    FOLD_SPEEDUP in BENCHMARKS.md. Models without a torchvision ResNet backbone are returned as they are."""
+    import copy
+
+    import torchvision
+    from torch.fx.experimental.optimization import fuse
+
+    if not isinstance(getattr(model, "backbone", None), torchvision.models.ResNet):
+        return model
+    folded = copy.deepcopy(model).eval()
+    folded.backbone = fuse(folded.backbone)
+    return folded
+
+
 def embed_splits(model, splits: dict, run_dir, args, channels_last=False):
+    model = fold_batchnorm(model)
     for split, split_ds in splits.items():
         rows, split_ds, _ = split_rows(split_ds, args)
         embeddings = embed_images(model, rows.images, args.device_obj, args.autocast_dtype, args.eval_batch_size,
@@ -767,27 +815,36 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def add_resnet_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--arch", choices=RESNET_ARCHS, default="resnet50",
+                        help="ResNet depth (the original uses resnet50; a shallower one fits a CPU budget from scratch)")
+
+
 def resnet_backbone(args, backbone_config=None):
     """(backbone with fc = Identity, feature dim, backbone_config) for resnet.py and siamese.py.
-    Default: torchvision ResNet-50 with ImageNet weights (IMAGENET1K_V2); --model: a local torchvision
-    state_dict file; --from-scratch: random ResNet-50; --tiny: ResNet with one BasicBlock per stage (tests)."""
+    Default: torchvision ResNet-50 with ImageNet weights (IMAGENET1K_V2; other --arch: their DEFAULT weights);
+    --model: a local torchvision state_dict file; --from-scratch: random weights; --tiny: ResNet with one
+    BasicBlock per stage (tests)."""
     import torchvision
 
-    arch = (backbone_config or {}).get("arch") or ("resnet-tiny" if args.tiny else "resnet50")
+    arch = (backbone_config or {}).get("arch") or ("resnet-tiny" if args.tiny else getattr(args, "arch", "resnet50"))
     if arch == "resnet-tiny":
         net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     elif backbone_config is not None or args.from_scratch:
-        net = torchvision.models.resnet50()
+        net = torchvision.models.get_model(arch)
     elif args.model:
-        net = torchvision.models.resnet50()
+        net = torchvision.models.get_model(arch)
         state = torch.load(args.model, map_location="cpu", weights_only=True)
         try:
             net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except (RuntimeError, AttributeError) as exc:
-            raise UserError(f"--model {args.model} is not a torchvision ResNet-50 state_dict: {str(exc)[:200]}")
+            raise UserError(f"--model {args.model} is not a torchvision {arch} state_dict: {str(exc)[:200]}")
     else:
-        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
-        net = load_pretrained(lambda _: torchvision.models.resnet50(weights=weights), "ResNet50_Weights.IMAGENET1K_V2",
+        weights = torchvision.models.get_model_weights(arch).DEFAULT  # resnet50: IMAGENET1K_V2
+        net = load_pretrained(lambda _: torchvision.models.get_model(arch, weights=weights), f"{arch} {weights.name}",
                               "torchvision weights")
     dim = net.fc.in_features
     net.fc = torch.nn.Identity()

@@ -14,6 +14,7 @@ import common
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
+    common.add_resnet_args(parser)
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="softer targets: better-spread embeddings")
     parser.add_argument("--no-bn-neck", dest="bn_neck", action="store_false",
                         help="embed the raw pooled feature instead of its batch-normalised version (BNNeck)")

@@ -15,6 +15,7 @@ import common
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
+    common.add_resnet_args(parser)
     parser.add_argument("--classes-per-batch", type=common.positive_int, default=16,
                         help="P: classes in each batch (batch size = P x K; --batch-size is ignored)")
     parser.add_argument("--per-class", type=common.positive_int, default=4, help="K: images per class in a batch")
@@ -38,14 +39,18 @@ class SiameseNet(nn.Module):
 
 
 def contrastive_loss(embeddings, labels, margin):
-    """Hadsell et al. 2006 over all pairs (i < j) of the batch: positives d^2, negatives max(0, margin - d)^2,
-    each averaged over its own pairs so that the ~P times more negatives do not drown the positives."""
+    """Hadsell et al. 2006 over all pairs (i < j) of the batch: positives d^2, negatives max(0, margin - d)^2.
+    Positives are averaged over all positive pairs; negatives over the *active* ones (closer than the margin), as
+    pytorch-metric-learning's AvgNonZeroReducer does: random unit vectors in 128-d lie ~1.41 apart, beyond the
+    margin, so averaging over every negative would shrink their gradient towards zero as training succeeds."""
     distance = torch.cdist(embeddings, embeddings).clamp_min(1e-9)  # [B, B]
     same = labels[:, None] == labels[None, :]
     upper = torch.ones_like(same).triu(diagonal=1)
     positive, negative = same & upper, ~same & upper
     pos_loss = distance[positive].pow(2).mean() if positive.any() else distance.sum() * 0
-    neg_loss = F.relu(margin - distance[negative]).pow(2).mean() if negative.any() else distance.sum() * 0
+    neg_terms = F.relu(margin - distance[negative]).pow(2)
+    active = neg_terms > 0
+    neg_loss = neg_terms[active].mean() if active.any() else distance.sum() * 0
     return pos_loss + neg_loss
 
 

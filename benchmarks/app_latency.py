@@ -1,6 +1,7 @@
-"""App end to end through gradio_client: p50 / p95 / p99 latency and throughput for 1 and N concurrent clients
-uploading 224 px product photos to /search_image. A bounded run (a fixed number of requests) against an app
-already serving on 127.0.0.1; it stops by itself.
+"""App end to end: p50 / p95 / p99 latency and throughput for 1 and N concurrent clients sending 224 px product
+photos, through gradio_client to /search_image (upload, queue, event stream) and through the plain JSON route
+POST /api/search_image (one request on a kept-alive connection). A bounded run (a fixed number of requests)
+against an app already serving on 127.0.0.1; it stops by itself.
 
 Usage: python app.py --model PATH --dataset PATH &   then   python benchmarks/app_latency.py --clients 1 8
 """
@@ -30,20 +31,36 @@ def photos(count, folder):
     return paths
 
 
-def run(url, clients, requests, paths):
+def gradio_caller(url):
     from gradio_client import Client, handle_file
 
+    client = Client(url, verbose=False)
+    return lambda path: client.predict(handle_file(path), "Any", "Any", "Any", api_name="/search_image")
+
+
+def json_caller(url):
+    import httpx
+
+    http = httpx.Client(base_url=url, timeout=60)
+
+    def call(path):
+        response = http.post("/api/search_image", content=Path(path).read_bytes())
+        response.raise_for_status()
+        return response.json()["results"]
+    return call
+
+
+def run(url, clients, requests, paths, route):
     latencies, errors, lock = [], [], threading.Lock()
     per_client = requests // clients
 
     def worker(offset):
-        client = Client(url, verbose=False)
-        client.predict(handle_file(paths[offset]), "Any", "Any", "Any", api_name="/search_image")  # warm-up
+        call = (gradio_caller if route == "gradio" else json_caller)(url)
+        call(paths[offset])  # warm-up
         for i in range(per_client):
             started = time.perf_counter()
             try:
-                result = client.predict(handle_file(paths[(offset + i) % len(paths)]), "Any", "Any", "Any",
-                                        api_name="/search_image")
+                result = call(paths[(offset + i) % len(paths)])
                 assert len(result) == 5
                 with lock:
                     latencies.append(time.perf_counter() - started)
@@ -60,7 +77,7 @@ def run(url, clients, requests, paths):
     elapsed = time.perf_counter() - started
     ms = sorted(x * 1e3 for x in latencies)
     pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
-    print(f"| {clients} | {len(ms)} | {statistics.median(ms):.1f} | {pick(0.95):.1f} | {pick(0.99):.1f} | "
+    print(f"| {route} | {clients} | {len(ms)} | {statistics.median(ms):.1f} | {pick(0.95):.1f} | {pick(0.99):.1f} | "
           f"{len(ms) / elapsed:.1f} | {len(errors)} |", flush=True)
 
 
@@ -69,13 +86,15 @@ def main(argv=None):
     parser.add_argument("--url", default="http://127.0.0.1:7860/")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=200, help="per setting; the run stops after these")
+    parser.add_argument("--routes", nargs="+", choices=("gradio", "json"), default=["gradio", "json"])
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         paths = photos(64, folder)
-        print("| clients | requests | p50 ms | p95 ms | p99 ms | requests/s | errors |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for clients in args.clients:
-            run(args.url, clients, args.requests, paths)
+        print("| route | clients | requests | p50 ms | p95 ms | p99 ms | requests/s | errors |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for route in args.routes:
+            for clients in args.clients:
+                run(args.url, clients, args.requests, paths, route)
 
 
 if __name__ == "__main__":

@@ -92,12 +92,17 @@ def build(name):
 
 
 class Wrapped(torch.nn.Module):
-    def __init__(self, model, embed, mean, std):
+    """The ViT through its embed function; the CNN as a .backbone, so that common.fold_batchnorm applies to it."""
+    def __init__(self, model, embed, mean, std, cnn):
         super().__init__()
-        self.model, self._embed, self.mean, self.std = model, embed, mean, std
+        self.mean, self.std, self.cnn = mean, std, cnn
+        if cnn:
+            self.backbone = model
+        else:
+            self.model, self._embed = model, embed
 
     def embed(self, x):
-        return self._embed(x)
+        return self.backbone(x) if self.cnn else self._embed(x)
 
 
 def main(argv=None):
@@ -128,8 +133,10 @@ def main(argv=None):
             for item in data[:args.naive_images]:
                 torch.nn.functional.normalize(embed(naive_preprocess(item).to(device)), dim=1).cpu()
             naive = args.naive_images / (time.perf_counter() - started)
-        # Ours: batched decode to uint8, then the shared embed_images (inference_mode, autocast, channels_last).
-        wrapped = Wrapped(model, embed, mean, std)
+        # Ours: batched decode to uint8, then the shared embed_images (inference_mode, autocast, channels_last,
+        # BatchNorm folded for the CNN).
+        wrapped = Wrapped(model, embed, mean, std, cnn=channels_last)
+        wrapped = common.fold_batchnorm(wrapped)  # the CNN: BatchNorm folded into the convolutions, as every export
         if name == "clip" and dtype == torch.bfloat16:
             wrapped.to(torch.bfloat16)  # what app.py does: bf16 weights beat autocast for the ViT (not for the CNN)
         if channels_last:

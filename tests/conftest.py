@@ -149,10 +149,7 @@ def served(service):
     """The page + API on 127.0.0.1 (a free port), for gradio_client, the browser and the web-safety tests."""
     import app
 
-    page = app.build_page(service)
-    page.queue(default_concurrency_limit=16)
     port = free_port()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, max_file_size="10mb",
-                quiet=True)
+    page = app.serve(service, port=port, block=False, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     page.close()

@@ -242,6 +242,32 @@ def test_api_with_gradio_client(served, service, server, tmp_path):
     assert client.predict("Red Watches", "Any", "Any", "Any", api_name="/search_text")  # still serving
 
 
+def test_plain_json_api(served, service, server):
+    """The fast route for programs: same results as the service, clear errors with 4xx codes, size cap."""
+    import httpx
+
+    item_id, data = catalog_photo(service, 5)
+    with httpx.Client(base_url=served, timeout=30) as http:
+        response = http.post("/api/search_image", content=data)
+        assert response.status_code == 200
+        results = response.json()["results"]
+        assert len(results) == 5 and results[0]["id"] == item_id
+        assert results == service.search_image_bytes(data)
+        filtered = http.post("/api/search_image", params={"gender": "Men"}, content=data).json()["results"]
+        assert filtered and all(r["gender"] == "Men" for r in filtered)
+        text = http.get("/api/search_text", params={"q": "Blue Shirts", "gender": "Men"}).json()["results"]
+        assert len(text) == 5 and all(r["gender"] == "Men" for r in text)
+        assert len(http.get("/api/search_url", params={"url": f"{server}/img.jpg"}).json()["results"]) == 5
+        bad = http.post("/api/search_image", content=b"not an image at all")
+        assert bad.status_code == 400 and "image" in bad.json()["error"]
+        assert http.post("/api/search_image", content=b"").status_code == 400
+        refused = http.get("/api/search_url", params={"url": "file:///etc/passwd"})
+        assert refused.status_code == 400 and "only http and https" in refused.json()["error"]
+        assert http.get("/api/search_text", params={"q": "  "}).status_code == 400
+        too_big = http.post("/api/search_image", content=b"\xff" * (10 * 2**20 + 1))
+        assert too_big.status_code == 413 and "10 MB" in too_big.json()["error"]
+
+
 def test_page_in_headless_chromium(served, service, tmp_path):
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_path:

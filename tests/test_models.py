@@ -102,9 +102,15 @@ def test_pretrained_paths_load_local_folders(processed, cache_dir, tmp_path):
     torch.save(torchvision.models.resnet50().state_dict(), state_file)
     backbone, dim, config = common.resnet_backbone(resnet.parse_args(["--model", str(state_file)]))
     assert dim == 2048 and config == {"arch": "resnet50"}
-    with pytest.raises(common.UserError, match="not a torchvision ResNet-50"):
+    with pytest.raises(common.UserError, match="not a torchvision resnet50 state_dict"):
         torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
         common.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "bad.pth")]))
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    backbone, dim, config = common.resnet_backbone(
+        siamese.parse_args(["--arch", "resnet18", "--model", str(tmp_path / "resnet18.pth")]))
+    assert dim == 512 and config == {"arch": "resnet18"}
+    with pytest.raises(common.UserError, match="not a torchvision resnet50"):  # the wrong depth for --arch
+        common.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "resnet18.pth")]))
 
 
 @pytest.mark.parametrize("script", ["resnet.py", "clip.py", "vae.py", "siamese.py"])
@@ -172,3 +178,56 @@ def test_device_and_autocast_selection(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(common.UserError, match="no CUDA device"):
         common.resolve_device("cuda:0")
+
+
+def test_contrastive_loss_matches_a_pairwise_loop():
+    """Positives: mean d^2 over all positive pairs; negatives: mean (margin - d)^2 over the negatives inside the
+    margin only. Checked against a plain loop over pairs, with some negatives outside the margin."""
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(12, 8, generator=generator), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    margin = 1.3
+    positives, negatives = [], []
+    for i in range(12):
+        for j in range(i + 1, 12):
+            d = float((embeddings[i] - embeddings[j]).norm())
+            if labels[i] == labels[j]:
+                positives.append(d ** 2)
+            elif d < margin:
+                negatives.append((margin - d) ** 2)
+    assert 0 < len(negatives) < 12 * 11 / 2 - len(positives)  # the margin splits the negatives
+    expected = np.mean(positives) + np.mean(negatives)
+    assert float(siamese.contrastive_loss(embeddings, labels, margin)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_folding_batchnorm_keeps_the_embeddings():
+    """fold_batchnorm (used for every export) must compute the same function as the eval-mode model."""
+    import torchvision
+
+    torch.manual_seed(0)
+    backbone = torchvision.models.resnet18()
+    backbone.fc = torch.nn.Identity()
+    for module in backbone.modules():  # non-trivial statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    model = resnet.ResNetClassifier(backbone, 512, 3).eval()
+    folded = common.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # the original is untouched
+    images = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded.embed(images), model.embed(images), atol=1e-4, rtol=1e-4)
+
+
+def test_time_budget_stops_training_and_finishes_the_schedule(processed, cache_dir, tmp_path, capsys):
+    """--time-budget ends training early (well before --epochs) with the learning rate decayed to ~0, then
+    exports as usual."""
+    out = tmp_path / "budget"
+    resnet.main(tiny_args(processed, out, cache_dir, "--epochs", "500", "--time-budget", "0.03"))
+    assert "time budget of 0.03 min reached" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert 1 <= len(log) < 500
+    assert log[-1]["lr"] < 0.05 * 1e-3  # the cosine schedule followed the clock to its end
+    assert json.loads((out / "metrics.json").read_text())["train_seconds"] < 10
