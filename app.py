@@ -584,15 +584,17 @@ def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
         except QueryError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 
+    too_large = {"error": f"the image is over {max_upload_bytes // 2**20} MB"}
+
     async def search_image(request):  # Starlette routes: the request comes as is
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_upload_bytes:
-            return JSONResponse({"error": f"the image is over {max_upload_bytes // 2**20} MB"}, status_code=413)
+            return JSONResponse(too_large, status_code=413)
         data = bytearray()
         async for chunk in request.stream():  # counted as it arrives: a missing or false length cannot get past
             data += chunk
             if len(data) > max_upload_bytes:
-                return JSONResponse({"error": f"the image is over {max_upload_bytes // 2**20} MB"}, status_code=413)
+                return JSONResponse(too_large, status_code=413)
         if not data:
             return JSONResponse({"error": "send the image file as the request body"}, status_code=400)
         return await answer(service.search_image_bytes, request.query_params, bytes(data))
