@@ -21,7 +21,6 @@ def parse_args(argv=None):
     parser.add_argument("--text-loss-weight", type=float, default=0.5,
                         help="weight of the image-text contrastive term (0 disables; >0 keeps text search working)")
     parser.add_argument("--max-text-length", type=common.positive_int, default=77)
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="softer class targets, as in resnet.py")
     return parser.parse_args(argv)
 
 
@@ -101,7 +100,7 @@ def main(argv=None):
 
     def loss_fn(model, images, labels, rows):
         image_embeddings = model.embed(images)
-        loss = F.cross_entropy(model.head(image_embeddings).float(), labels, label_smoothing=args.label_smoothing)
+        loss = F.cross_entropy(model.head(image_embeddings).float(), labels)
         if args.text_loss_weight > 0:
             text_embeddings = common.clip_text_features(model.clip, tokens["input_ids"][rows].to(images.device),
                                                         tokens["attention_mask"][rows].to(images.device))
