@@ -246,29 +246,6 @@ def decode_square(data: bytes, size: int) -> np.ndarray:
     return square_uint8(open_image(image), size)
 
 
-def decode_many(blobs, size: int) -> list[np.ndarray | None]:
-    """Encoded images -> uint8 [3, size, size] each (None where a blob is not a readable image), on one thread per
-    core: PIL releases the GIL while it decodes and resamples, so 2 cores decode ~2x faster than a loop."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def decode_or_none(blob):
-        try:
-            return decode_square(blob, size)
-        except (ValueError, OSError, TypeError, AttributeError):
-            return None
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        return list(pool.map(decode_or_none, blobs))
-
-
-def decode_batch(blobs, size: int) -> np.ndarray:
-    """Encoded images -> uint8 [N, 3, size, size]; ValueError naming the first unreadable one."""
-    decoded = decode_many(blobs, size)
-    bad = [i for i, pixels in enumerate(decoded) if pixels is None]
-    if bad:
-        raise ValueError(f"image {bad[0]} of {len(decoded)} is not a readable image")
-    return np.stack(decoded) if decoded else np.zeros((0, 3, size, size), dtype=np.uint8)
-
-
 # --------------------------------------------------------------------------- datasets
 
 def is_saved_dataset(path) -> bool:
@@ -339,17 +316,11 @@ def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(raw), 3, size, size))
         ok = np.ones(len(raw), dtype=bool)
         for start in tqdm(range(0, len(raw), 512), desc=f"decode {size}px", unit="batch", leave=False, disable=None):
-            blobs = []
-            for cell in raw[start:start + 512]["image"]:
+            for offset, cell in enumerate(raw[start:start + 512]["image"]):
                 try:
-                    blobs.append(cell_bytes(cell))
-                except (OSError, TypeError, AttributeError):  # a missing file or an empty cell
-                    blobs.append(None)
-            for offset, pixels in enumerate(decode_many(blobs, size)):
-                if pixels is None:
+                    images[start + offset] = decode_square(cell_bytes(cell), size)
+                except (ValueError, OSError, TypeError, AttributeError):
                     ok[start + offset] = False
-                else:
-                    images[start + offset] = pixels
         images.flush()
         del images
         atomic_save_npy(ok_path, ok)
@@ -620,9 +591,10 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
     epochs = math.ceil(total_steps / steps_per_epoch)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    # fused: one kernel for all tensors, a 2x faster optimizer step on CPU (BENCHMARKS.md, section 4)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors: ~2x faster step
+                                  fused=device.type in ("cpu", "cuda"))
     # --time-budget: seconds spent in fit (training and validation, summed over resumed sessions) against the budget
     budget = args.time_budget * 60 if args.time_budget else None
     clock = {"spent_before": 0.0, "session_start": time.perf_counter(), "last_val": 0.0}

@@ -142,10 +142,10 @@ def main(argv=None):
         if channels_last:
             wrapped.to(memory_format=torch.channels_last)
         # Warm-up at the timed batch size: oneDNN builds its kernels per input shape on first use.
-        common.embed_images(wrapped, common.decode_batch(data[:args.batch_size], size), device, dtype,
+        common.embed_images(wrapped, np.stack([common.decode_square(d, size) for d in data[:args.batch_size]]), device, dtype,
                             args.batch_size, channels_last=channels_last, progress=False)
         started = time.perf_counter()
-        pixels = common.decode_batch(data, size)
+        pixels = np.stack([common.decode_square(d, size) for d in data])
         decoded = time.perf_counter()
         common.embed_images(wrapped, pixels, device, dtype, args.batch_size, channels_last=channels_last,
                             progress=False)

@@ -105,15 +105,3 @@ def test_every_file_through_the_app(service, name):
     else:
         with pytest.raises(app.QueryError, match="not a readable image|too large"):
             service.search_image_bytes(data)
-
-
-def test_batch_decoding_matches_one_by_one_and_flags_bad_images():
-    """decode_many (threads, used for the image cache) gives the same pixels as decode_square, None for bad blobs."""
-    blobs = [GOOD[name]() for name in GOOD] + [BAD["truncated jpeg"](), None]
-    decoded = common.decode_many(blobs, 24)
-    for blob, pixels in zip(blobs[:len(GOOD)], decoded):
-        np.testing.assert_array_equal(pixels, common.decode_square(blob, 24))
-    assert decoded[-2] is None and decoded[-1] is None
-    assert common.decode_batch(blobs[:3], 24).shape == (3, 3, 24, 24)
-    with pytest.raises(ValueError, match=f"image {len(GOOD)} of"):
-        common.decode_batch(blobs, 24)
