@@ -756,7 +756,8 @@ def train_and_export(args, name, build_model, loss_fn, make_sampler=None, channe
 def fold_batchnorm(model):
     """For inference: a copy of the model whose ResNet backbone has each BatchNorm folded into the convolution
     before it (torch.fx fuse; the same function in eval mode, up to float rounding). Saves the BatchNorm passes:
-    1.16x for ResNet-50 at batch 64 on 2 CPU cores (BENCHMARKS.md, section 1). Models without a torchvision ResNet backbone are returned as they are."""
+    1.16x for ResNet-50 at batch 64 on 2 CPU cores (BENCHMARKS.md, section 1). Models without a torchvision ResNet
+    backbone are returned as they are."""
     import copy
 
     import torchvision
@@ -837,7 +838,7 @@ def resnet_backbone(args, backbone_config=None):
     BasicBlock per stage (tests)."""
     import torchvision
 
-    arch = (backbone_config or {}).get("arch") or ("resnet-tiny" if args.tiny else getattr(args, "arch", "resnet50"))
+    arch = (backbone_config or {}).get("arch") or ("resnet-tiny" if args.tiny else args.arch)
     if arch == "resnet-tiny":
         net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     elif backbone_config is not None or args.from_scratch:

@@ -34,7 +34,7 @@ def main(argv=None):
     for fused in (False, True):
         nets[fused] = torchvision.models.get_model(args.arch, num_classes=69).to(memory_format=torch.channels_last)
         optimizers[fused] = torch.optim.AdamW(nets[fused].parameters(), lr=1e-3, weight_decay=0.05, fused=fused,
-                                              foreach=None if fused else True)
+                                              foreach=not fused)
     generator = torch.Generator().manual_seed(0)
 
     def step(fused):  # -> (seconds for the whole step, seconds in optimizer.step)
