@@ -21,16 +21,17 @@ def parse_args(argv=None):
     parser.add_argument("--text-loss-weight", type=float, default=0.5,
                         help="weight of the image-text contrastive term (0 disables; >0 keeps text search working)")
     parser.add_argument("--max-text-length", type=common.positive_int, default=77)
+    common.add_head_args(parser)
     return parser.parse_args(argv)
 
 
 class CLIPClassifier(nn.Module):
     mean, std = common.CLIP_MEAN, common.CLIP_STD
 
-    def __init__(self, clip, num_classes):
+    def __init__(self, clip, head):
         super().__init__()
         self.clip = clip
-        self.head = nn.Linear(clip.config.projection_dim, num_classes)
+        self.head = head
 
     def embed(self, images):  # [B, 3, S, S] -> [B, projection_dim]
         return common.clip_image_features(self.clip, images)
@@ -61,7 +62,8 @@ def build_model(args, num_classes, backbone_config=None):
         clip = CLIPModel(CLIPConfig.from_dict(backbone_config))
     else:
         clip = common.load_pretrained(CLIPModel.from_pretrained, args.model or HUB_MODEL, "CLIP model")
-    return CLIPClassifier(clip, num_classes), clip.config.to_dict()
+    head = common.classifier_head(args, clip.config.projection_dim, num_classes)
+    return CLIPClassifier(clip, head), clip.config.to_dict()
 
 
 def load_tokenizer(args):

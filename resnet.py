@@ -15,6 +15,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
     common.add_resnet_args(parser)
+    common.add_head_args(parser)
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="softer targets: better-spread embeddings")
     parser.add_argument("--no-bn-neck", dest="bn_neck", action="store_false",
                         help="embed the raw pooled feature instead of its batch-normalised version (BNNeck)")
@@ -24,7 +25,7 @@ def parse_args(argv=None):
 class ResNetClassifier(nn.Module):
     mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
 
-    def __init__(self, backbone, feature_dim, num_classes, bn_neck=True):
+    def __init__(self, backbone, feature_dim, head, bn_neck=True):
         super().__init__()
         self.backbone = backbone
         # BNNeck (Luo et al. 2019): pooled ReLU features are all positive, so their cosine similarities bunch up
@@ -32,7 +33,7 @@ class ResNetClassifier(nn.Module):
         self.neck = nn.BatchNorm1d(feature_dim) if bn_neck else nn.Identity()
         if bn_neck:
             self.neck.bias.requires_grad_(False)
-        self.head = nn.Linear(feature_dim, num_classes, bias=not bn_neck)
+        self.head = head
 
     def embed(self, images):  # [B, 3, S, S] -> [B, 2048]
         return self.neck(self.backbone(images))
@@ -43,7 +44,9 @@ class ResNetClassifier(nn.Module):
 
 def build_model(args, num_classes, backbone_config=None):
     backbone, feature_dim, config = common.resnet_backbone(args, backbone_config)
-    return ResNetClassifier(backbone, feature_dim, num_classes, getattr(args, "bn_neck", False)), config
+    bn_neck = getattr(args, "bn_neck", False)
+    head = common.classifier_head(args, feature_dim, num_classes, bias=not bn_neck)
+    return ResNetClassifier(backbone, feature_dim, head, bn_neck), config
 
 
 def main(argv=None):

@@ -21,13 +21,14 @@ def parse_args(argv=None):
     parser.add_argument("--embedding-dim", type=common.positive_int, default=256)
     parser.add_argument("--width-divisor", type=common.positive_int, default=4,
                         help="--from-scratch only: divide the SD-VAE channel widths by this to fit a CPU budget")
+    common.add_head_args(parser)
     return parser.parse_args(argv)
 
 
 class VAEClassifier(nn.Module):
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the VAE expects pixels in [-1, 1]
 
-    def __init__(self, vae, num_classes, embedding_dim, grid=4):
+    def __init__(self, vae, head, embedding_dim, grid=4):
         super().__init__()
         self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
         self.latent_channels = vae.config.latent_channels
@@ -35,7 +36,7 @@ class VAEClassifier(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(grid)
         self.project = nn.Sequential(nn.Flatten(), nn.LayerNorm(flat), nn.Linear(flat, embedding_dim), nn.GELU(),
                                      nn.Linear(embedding_dim, embedding_dim))
-        self.head = nn.Linear(embedding_dim, num_classes)
+        self.head = head
 
     def embed(self, images):  # [B, 3, S, S] -> [B, embedding_dim]
         moments = self.encoder(images)
@@ -63,7 +64,7 @@ def build_model(args, num_classes, backbone_config=None):
     else:
         vae = common.load_pretrained(AutoencoderKL.from_pretrained, args.model or HUB_MODEL, "VAE")
     config = dict(vae.config)
-    model = VAEClassifier(vae, num_classes, args.embedding_dim)
+    model = VAEClassifier(vae, common.classifier_head(args, args.embedding_dim, num_classes), args.embedding_dim)
     del vae  # the decoder goes with it
     return model, config
 

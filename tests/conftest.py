@@ -121,7 +121,7 @@ def trained_runs(tmp_path_factory, processed, cache_dir) -> dict:
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for name, module, extra in (("resnet", resnet, ()), ("siamese", siamese, ("--classes-per-batch", "4")),
-                                ("clip", clip, ()), ("vae", vae, ())):
+                                ("clip", clip, ()), ("vae", vae, ("--head", "cosine"))):
         runs[name] = root / name
         module.main(tiny_args(processed, runs[name], cache_dir, *extra))
     return runs

@@ -1,5 +1,6 @@
 """Each model script end to end on the fixture with a tiny configuration; the pretrained-loading paths through a
 tiny model saved to a folder; --embed-only; --resume; offline errors."""
+import argparse
 import json
 import subprocess
 import sys
@@ -60,6 +61,20 @@ def test_embed_only_reproduces_training_embeddings(trained_runs, processed, cach
                                    np.load(trained_runs[name] / "embeddings" / f"{split}.npy"), atol=2e-2)
         assert (pd.read_parquet(out / "embeddings" / f"{split}.parquet")["id"]
                 == pd.read_parquet(trained_runs[name] / "embeddings" / f"{split}.parquet")["id"]).all()
+
+
+def test_cosine_head_is_scaled_cosine_and_survives_the_checkpoint(trained_runs):
+    head = common.CosineHead(4, 3, scale=16.0)
+    features = torch.randn(5, 4)
+    expected = np.array([[16.0 * f @ w / (np.linalg.norm(f) * np.linalg.norm(w)) for w in head.weight.detach().numpy()]
+                         for f in features.numpy()])
+    np.testing.assert_allclose(head(features).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(3 * features), head(features))  # the embedding's norm does not matter
+    # the tiny vae run was trained with --head cosine: its checkpoint rebuilds that head
+    model, _ = common.load_trained(trained_runs["vae"], "vae", vae.build_model, torch.device("cpu"))
+    assert isinstance(model.head, common.CosineHead)
+    # arguments saved before --head existed rebuild the linear head those runs had
+    assert isinstance(common.classifier_head(argparse.Namespace(), 4, 3), torch.nn.Linear)
 
 
 def test_embed_only_on_a_hub_layout_folder_is_one_split_all(trained_runs, hub_dataset, cache_dir, tmp_path):
@@ -212,7 +227,7 @@ def test_folding_batchnorm_keeps_the_embeddings():
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
-    model = resnet.ResNetClassifier(backbone, 512, 3).eval()
+    model = resnet.ResNetClassifier(backbone, 512, torch.nn.Linear(512, 3, bias=False)).eval()
     folded = common.fold_batchnorm(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # the original is untouched
