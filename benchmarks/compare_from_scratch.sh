@@ -30,7 +30,7 @@ for model in "${models[@]}"; do
   case $model in
     resnet) train resnet --arch resnet18 --epochs 40 --batch-size 128 --lr 3e-3 ;;
     siamese) train siamese --arch resnet18 --epochs 24 --classes-per-batch 16 --per-class 4 --lr 1e-3 ;;
-    clip) train clip --epochs 30 --batch-size 64 --lr 5e-4 --max-text-length 32 --head cosine ;;
+    clip) train clip --epochs 30 --batch-size 64 --lr 5e-4 --max-text-length 32 --head cosine --text-loss-weight 0 ;;
     vae) train vae --epochs 6 --batch-size 128 --lr 1e-3 ;;
     *) echo "unknown model $model (resnet, siamese, clip, vae)" >&2; exit 2 ;;
   esac
