@@ -88,17 +88,22 @@ def export(model, tokenizer, image_size, folder):
                        image_mean=list(model.mean), image_std=list(model.std)).save_pretrained(folder)
 
 
+def train_name_tokens(args, tokenizer):
+    """The productDisplayName of every training row, tokenized: input_ids and attention_mask [N, L]."""
+    dataset, _ = common.load_processed(args.data)
+    names = dataset["train"]["productDisplayName"][:args.limit or None]
+    # Names end with the article type ("Turtle Check Men Navy Blue Shirt"): cut long ones from the left.
+    tokenizer.truncation_side = "left"
+    return tokenizer([name or "" for name in names], padding="max_length", truncation=True,
+                     max_length=args.max_text_length, return_tensors="pt")
+
+
 def main(argv=None):
     args = common.prepare(parse_args(argv), "clip")
     if args.embed_only:
         return common.embed_only(args, "clip", build_model)
     tokenizer = load_tokenizer(args)
-    dataset, _ = common.load_processed(args.data)
-    names = dataset["train"]["productDisplayName"][:args.limit or None]
-    # Names end with the article type ("Turtle Check Men Navy Blue Shirt"): cut long ones from the left.
-    tokenizer.truncation_side = "left"
-    tokens = tokenizer([name or "" for name in names], padding="max_length", truncation=True,
-                       max_length=args.max_text_length, return_tensors="pt")  # input_ids [N, L]
+    tokens = train_name_tokens(args, tokenizer) if args.text_loss_weight > 0 else None  # only the text term reads them
 
     def loss_fn(model, images, labels, rows):
         image_embeddings = model.embed(images)
