@@ -216,10 +216,10 @@ class Encoder:
         self.dim = self.model.config.projection_dim
         self.batcher = MicroBatcher(self.embed_pixels)
 
-    def embed_pixels(self, images_uint8: np.ndarray, progress=False) -> np.ndarray:
-        """uint8 [B, 3, S, S] -> float32 [B, D], unit length."""
+    def embed_pixels(self, images_uint8: np.ndarray, progress=False, compiled=None) -> np.ndarray:
+        """uint8 [B, 3, S, S] -> float32 [B, D], unit length (``compiled``: a common.CompiledEmbed of self)."""
         return common.embed_images(self, images_uint8, self.device, self.dtype, desc="embed catalog",
-                                   progress=progress)
+                                   progress=progress, compiled=compiled)
 
     # embed_images() calls these two: the Encoder quacks like a model script's module.
     def eval(self):
@@ -418,11 +418,14 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
         embeddings, meta = np.load(cached_vectors), pd.read_parquet(cached_meta)
     else:
         embeddings, metas = [], []
-        for name, split in splits.items():
-            images, ok = common.image_cache(split, encoder.image_size, cache_dir)
-            keep = np.flatnonzero(ok)
-            embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], progress=True))
-            metas.append(common.metadata_frame(split.select(keep), name).assign(row=keep))
+        cached = {name: common.image_cache(split, encoder.image_size, cache_dir) for name, split in splits.items()}
+        total = sum(len(images) for images, _ in cached.values())
+        with common.maybe_compiled(encoder, total, encoder.image_size) as compiled:  # one compile for every split
+            for name, split in splits.items():
+                images, ok = cached[name]
+                keep = np.flatnonzero(ok)
+                embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], True, compiled))
+                metas.append(common.metadata_frame(split.select(keep), name).assign(row=keep))
         embeddings, meta = np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
         common.atomic_save_npy(cached_vectors, embeddings)
         common.atomic_write_parquet(cached_meta, meta)

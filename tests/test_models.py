@@ -236,6 +236,49 @@ def test_folding_batchnorm_keeps_the_embeddings():
         torch.testing.assert_close(folded.embed(images), model.embed(images), atol=1e-4, rtol=1e-4)
 
 
+def tiny_resnet_classifier():
+    import torchvision
+
+    torch.manual_seed(0)
+    backbone = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    backbone.fc = torch.nn.Identity()
+    return common.fold_batchnorm(resnet.ResNetClassifier(backbone, 512, torch.nn.Linear(512, 3, bias=False)).eval())
+
+
+def test_compiled_embedding_matches_eager_and_compiles_once(monkeypatch):
+    """A big export runs through CompiledEmbed: the same embeddings as eager, one graph for every batch and split
+    (the last batch is padded), and nothing compiled left behind."""
+    model = tiny_resnet_classifier()
+    images = np.random.default_rng(0).integers(0, 255, (70, 3, 32, 32), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    eager = common.embed_images(model, images, cpu, None, batch_size=32, progress=False)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a second graph would fall back to eager
+    with common.CompiledEmbed(model) as compiled:
+        first = common.embed_images(model, images, cpu, None, batch_size=32, progress=False, compiled=compiled)
+        second = common.embed_images(model, images[:5], cpu, None, batch_size=32, progress=False, compiled=compiled)
+        assert compiled.fn is not compiled.eager, "compiling failed (is there a C++ compiler?) or compiled twice"
+    np.testing.assert_allclose(first, eager, atol=1e-4)
+    np.testing.assert_allclose(second, eager[:5], atol=1e-4)
+    assert first.shape == (70, 512)
+    assert common.worth_compiling(5_000, 224) and not common.worth_compiling(8_121, 64)
+
+
+def test_compile_failure_falls_back_to_the_eager_model(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        def fail(batch):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    model = tiny_resnet_classifier()
+    images = np.random.default_rng(1).integers(0, 255, (6, 3, 32, 32), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "compile", broken)
+    with common.CompiledEmbed(model) as compiled:
+        out = common.embed_images(model, images, cpu, None, batch_size=4, progress=False, compiled=compiled)
+    np.testing.assert_allclose(out, common.embed_images(model, images, cpu, None, progress=False), atol=1e-6)
+    assert capsys.readouterr().err.count("torch.compile failed") == 1  # said once, then eager for every batch
+
+
 def test_time_budget_stops_training_and_finishes_the_schedule(processed, cache_dir, tmp_path, capsys):
     """--time-budget ends training early (well before --epochs) with the learning rate decayed to ~0, then
     exports as usual."""
