@@ -439,9 +439,9 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- embedding export
 
-# A whole catalog is worth compiling: Inductor with the weights frozen into the graph ran ResNet-50 1.4-1.7x and the
-# ViT-B/32 1.25-1.6x faster at batch 64 on 2 CPU cores, after a 14-24 s compile (BENCHMARKS.md section 1). That pays
-# from a few thousand 224 px images; a 64 px image costs ~12x less, hence the budget in 224 px equivalents.
+# A whole catalog is worth compiling: Inductor with the weights frozen into the graph ran ResNet-50 1.43-1.69x and the
+# ViT-B/32 1.31-1.45x faster than eager at batch 64 on 2 CPU cores, after a 7-25 s compile (BENCHMARKS.md section 1).
+# That pays from a few thousand 224 px images; a 64 px image costs ~12x less, hence the budget in 224 px equivalents.
 COMPILE_FROM_224PX_IMAGES = 5_000
 
 
@@ -462,7 +462,7 @@ class CompiledEmbed:
     def __call__(self, batch):
         if self.fn is not self.eager:
             # Compiling happens at the first call. The config switch, not torch.compile(options={"freezing": True}),
-            # is what freezes: with the option, ResNet-50 ran as unfrozen (41.6 img/s; frozen 60.6, eager 33-38).
+            # is what freezes: with the option, ResNet-50 ran as unfrozen (41.6 img/s; frozen 60.6, eager 31-38).
             from torch._inductor import config as inductor_config
 
             try:
