@@ -424,7 +424,8 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
             for name, split in splits.items():
                 images, ok = cached[name]
                 keep = np.flatnonzero(ok)
-                embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], True, compiled))
+                embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], progress=True,
+                                                       compiled=compiled))
                 metas.append(common.metadata_frame(split.select(keep), name).assign(row=keep))
         embeddings, meta = np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
         common.atomic_save_npy(cached_vectors, embeddings)

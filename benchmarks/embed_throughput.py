@@ -164,8 +164,9 @@ def main(argv=None):
             ours = len(data) / (time.perf_counter() - started)
         decode_ms = decode_seconds / len(data) * 1000
         peak = bf16_peak if dtype == torch.bfloat16 else fp32_peak
-        print(f"| {name} | {size} | {naive:.1f} | {eager:.1f} | {ours:.1f} | {ours / naive:.1f}x | {compile_seconds:.0f} | "
-              f"{flops / 1e9:.2f} | {flops * ours / 1e9 / peak:.0%} | {decode_ms:.2f} |", flush=True)
+        print(f"| {name} | {size} | {naive:.1f} | {eager:.1f} | {ours:.1f} | {ours / naive:.1f}x | "
+              f"{compile_seconds:.0f} | {flops / 1e9:.2f} | {flops * ours / 1e9 / peak:.0%} | {decode_ms:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
