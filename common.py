@@ -450,9 +450,10 @@ def worth_compiling(images: int, image_size: int) -> bool:
 
 
 class CompiledEmbed:
-    """model.embed compiled by Inductor for one big batch job, with the weights frozen into the graph (constant-folded,
-    and prepacked for oneDNN on CPU). A context manager: on exit every compiled graph is dropped, since frozen weights
-    would go stale if the model changed afterwards. Should compiling fail (no C++ compiler, say), it says so once and
+    """model.embed compiled by Inductor at one batch shape, with the weights frozen into the graph (constant-folded,
+    and prepacked for oneDNN on CPU): for a big batch job, or the app's lone queries (kept for the server's life). A
+    context manager: on exit every compiled graph is dropped, since frozen weights would go stale if the model changed
+    afterwards. Should compiling fail (no C++ compiler, say), it says so once and
     the eager model does the job."""
 
     def __init__(self, model):
@@ -495,7 +496,9 @@ def embed_images(model, images: np.ndarray, device, dtype, batch_size=256, desc=
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
                       disable=None if progress else True):
-        pixels = np.array(images[start:start + batch_size])
+        # A C-order copy: decoded photos are channels-last views ([3, S, S] over [S, S, 3]), and a compiled graph is
+        # specialised to its input's strides, so a real photo after a warm-up on a blank one would recompile.
+        pixels = np.array(images[start:start + batch_size], order="C")
         rows = len(pixels)
         if compiled is not None and rows < batch_size:
             pixels = np.concatenate([pixels, np.zeros((batch_size - rows, *pixels.shape[1:]), pixels.dtype)])
