@@ -194,6 +194,9 @@ class MicroBatcher:
             self.recent.append((time.monotonic(), len(batch)))
 
 
+QUERY_BATCH = 8  # the bigger of the two compiled query batch sizes (the other is 1)
+
+
 class Encoder:
     """CLIP image and text towers, with the same preprocessing as training (pad to a white square, resize)."""
 
@@ -223,21 +226,31 @@ class Encoder:
                                    progress=progress, compiled=compiled)
 
     def embed_queries(self, images_uint8: np.ndarray) -> np.ndarray:
-        """The MicroBatcher's batch of 1-16 query images, in one forward pass at its own size (no padding). A lone
-        query runs through the compiled model once compile_queries() ran; bigger batches stay eager."""
-        compiled = self.query_model if len(images_uint8) == 1 else None
-        return common.embed_images(self, images_uint8, self.device, self.dtype, batch_size=len(images_uint8),
-                                   progress=False, compiled=compiled)
+        """The MicroBatcher's batch of 1-16 query images. Eager: one forward pass at the batch's own size. Once
+        compile_queries() ran: passes at the two compiled sizes, 8 (the last padded) while 4 or more images are
+        left, since one pass of 8 costs about four of 1, then passes of 1."""
+        if self.query_model is None:
+            return common.embed_images(self, images_uint8, self.device, self.dtype, batch_size=len(images_uint8),
+                                       progress=False)
+        parts, start = [], 0
+        while start < len(images_uint8):
+            size = QUERY_BATCH if len(images_uint8) - start >= QUERY_BATCH // 2 else 1
+            parts.append(common.embed_images(self, images_uint8[start:start + size], self.device, self.dtype,
+                                             batch_size=size, progress=False, compiled=self.query_model))
+            start += size
+        return np.concatenate(parts)
 
     def compile_queries(self):
-        """Compile the lone query's path (batch 1, what one user at a time sends), now rather than on the first
-        user's query. With the weights frozen in, the app answered one client in 43-48 ms p50 against 62-64 eager on
-        2 CPU cores; a graph with a symbolic batch size for the MicroBatcher's bigger batches served 8 clients no
-        faster than eager (BENCHMARKS.md section 3), so those stay eager. Call it after the catalog is built: the
-        catalog job drops every compiled graph when it ends."""
+        """Compile the query path at its two batch sizes, 1 (one user at a time) and 8 (concurrent users), now rather
+        than on users' first queries: with the weights frozen in, the ViT-B/32 ran batch 1 in 19-30 ms against 31-45
+        eager, and batch 8 in 77-134 ms against 97-168 (2 CPU cores, BENCHMARKS.md section 3). A graph with a
+        symbolic batch size, for any size, gained only 1.0-1.2x. Call it after the catalog is built: the catalog
+        job drops every compiled graph when it ends."""
         started = time.monotonic()
         self.query_model = common.CompiledEmbed(self)
-        self.batcher(np.full((3, self.image_size, self.image_size), 255, dtype=np.uint8))  # in the serving thread
+        blank = np.full((QUERY_BATCH, 3, self.image_size, self.image_size), 255, dtype=np.uint8)
+        self.embed_queries(blank[:1])
+        self.embed_queries(blank)
         print(f"compiled the image query path in {time.monotonic() - started:.0f} s")
 
     # embed_images() calls these two: the Encoder quacks like a model script's module.
@@ -583,8 +596,8 @@ def parse_args(argv=None):
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="let URL queries reach private/loopback addresses: for local testing only")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the one-query path at start (~20 s on 2 CPU cores; a lone image query then "
-                        "runs ~1.4x faster)")
+                        help="compile the photo query path at start (~45 s on 2 CPU cores): a lone photo query then "
+                        "runs 1.35-1.9x faster, 8 concurrent ones ~1.1x")
     return parser.parse_args(argv)
 
 

@@ -245,15 +245,15 @@ def tiny_resnet_classifier():
     return common.fold_batchnorm(resnet.ResNetClassifier(backbone, 512, torch.nn.Linear(512, 3, bias=False)).eval())
 
 
-def test_compiled_embedding_matches_eager_and_compiles_once(monkeypatch):
+def test_compiled_embedding_matches_eager_and_compiles_once():
     """A big export runs through CompiledEmbed: the same embeddings as eager, one graph for every batch and split
     (the last batch is padded), and nothing compiled left behind."""
     model = tiny_resnet_classifier()
     images = np.random.default_rng(0).integers(0, 255, (70, 3, 32, 32), dtype=np.uint8)
     cpu = torch.device("cpu")
     eager = common.embed_images(model, images, cpu, None, batch_size=32, progress=False)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a second graph would fall back to eager
-    with common.CompiledEmbed(model) as compiled:
+    # A second graph would fall back to eager. (Not monkeypatch: undoing it deletes the setting from torch's config.)
+    with torch._dynamo.config.patch(error_on_recompile=True), common.CompiledEmbed(model) as compiled:
         first = common.embed_images(model, images, cpu, None, batch_size=32, progress=False, compiled=compiled)
         second = common.embed_images(model, images[:5], cpu, None, batch_size=32, progress=False, compiled=compiled)
         assert compiled.fn is not compiled.eager, "compiling failed (is there a C++ compiler?) or compiled twice"
