@@ -225,18 +225,19 @@ class Encoder:
         return common.embed_images(self, images_uint8, self.device, self.dtype, desc="embed catalog",
                                    progress=progress, compiled=compiled)
 
-    def embed_queries(self, images_uint8: np.ndarray) -> np.ndarray:
+    def embed_queries(self, images_uint8: np.ndarray, compiled=None) -> np.ndarray:
         """The MicroBatcher's batch of 1-16 query images. Eager: one forward pass at the batch's own size. Once
-        compile_queries() ran: passes at the two compiled sizes, 8 (the last padded) while 4 or more images are
-        left, since one pass of 8 costs about four of 1, then passes of 1."""
-        if self.query_model is None:
+        compile_queries() ran (or with ``compiled``): passes at the two compiled sizes, 8 (the last padded) while 4
+        or more images are left, since one pass of 8 costs about four of 1, then passes of 1."""
+        compiled = compiled or self.query_model
+        if compiled is None:
             return common.embed_images(self, images_uint8, self.device, self.dtype, batch_size=len(images_uint8),
                                        progress=False)
         parts, start = [], 0
         while start < len(images_uint8):
             size = QUERY_BATCH if len(images_uint8) - start >= QUERY_BATCH // 2 else 1
             parts.append(common.embed_images(self, images_uint8[start:start + size], self.device, self.dtype,
-                                             batch_size=size, progress=False, compiled=self.query_model))
+                                             batch_size=size, progress=False, compiled=compiled))
             start += size
         return np.concatenate(parts)
 
@@ -244,13 +245,15 @@ class Encoder:
         """Compile the query path at its two batch sizes, 1 (one user at a time) and 8 (concurrent users), now rather
         than on users' first queries: with the weights frozen in, the ViT-B/32 ran batch 1 in 19-30 ms against 31-45
         eager, and batch 8 in 77-134 ms against 97-168 (2 CPU cores, BENCHMARKS.md section 3). A graph with a
-        symbolic batch size, for any size, gained only 1.0-1.2x. Call it after the catalog is built: the catalog
-        job drops every compiled graph when it ends."""
+        symbolic batch size, for any size, gained only 1.0-1.2x. Queries run eager until both graphs are ready, so it
+        may run in a thread beside a serving app. Call it after the catalog is built: the catalog job drops every
+        compiled graph when it ends."""
         started = time.monotonic()
-        self.query_model = common.CompiledEmbed(self)
+        compiled = common.CompiledEmbed(self)
         blank = np.full((QUERY_BATCH, 3, self.image_size, self.image_size), 255, dtype=np.uint8)
-        self.embed_queries(blank[:1])
-        self.embed_queries(blank)
+        self.embed_queries(blank[:1], compiled)
+        self.embed_queries(blank, compiled)
+        self.query_model = compiled
         print(f"compiled the image query path in {time.monotonic() - started:.0f} s")
 
     # embed_images() calls these two: the Encoder quacks like a model script's module.
@@ -596,8 +599,8 @@ def parse_args(argv=None):
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="let URL queries reach private/loopback addresses: for local testing only")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the photo query path at start (~45 s on 2 CPU cores): a lone photo query then "
-                        "runs 1.35-1.9x faster, 8 concurrent ones ~1.1x")
+                        help="compile the photo query path in the background at start (~45 s on 2 CPU cores; until then "
+                        "queries run eager): a lone photo query then runs 1.35-1.9x faster, 8 concurrent ones ~1.1x")
     return parser.parse_args(argv)
 
 
@@ -682,8 +685,8 @@ def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=
 def main(argv=None):
     args = parse_args(argv)
     service, notice = load_service(args)
-    if args.compile:
-        service.encoder.compile_queries()
+    if args.compile:  # serve at once, eager, and switch to the compiled graphs when they are ready (~45 s)
+        threading.Thread(target=service.encoder.compile_queries, daemon=True, name="compile-queries").start()
     print(f"serving {len(service.catalog):,} items with {service.model_name} on http://{args.host}:{args.port} "
           f"(JSON API: POST /api/search_image, GET /api/search_text?q=)")
     serve(service, notice, args.host, args.port, args.share, args.max_upload_mb)
