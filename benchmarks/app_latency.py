@@ -3,7 +3,8 @@ photos, through gradio_client to /search_image (upload, queue, event stream) and
 POST /api/search_image (one request on a kept-alive connection). A bounded run (a fixed number of requests)
 against an app already serving on 127.0.0.1; it stops by itself.
 
-Usage: python app.py --model PATH --dataset PATH &   then   python benchmarks/app_latency.py --clients 1 8
+Usage: python app.py --model PATH --dataset PATH &   then, once the app has printed "compiled the image query path"
+(it compiles in the background after the page is up; queries meanwhile are slow): python benchmarks/app_latency.py
 """
 import argparse
 import statistics
