@@ -599,8 +599,9 @@ def parse_args(argv=None):
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="let URL queries reach private/loopback addresses: for local testing only")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the photo query path in the background at start (~45 s on 2 CPU cores; until then "
-                        "queries run eager): a lone photo query then runs 1.35-1.9x faster, 8 concurrent ones ~1.1x")
+                        help="compile the photo query path in the background at start (~45 s on 2 CPU cores; "
+                        "until then queries run eager): a lone photo query then runs 1.35-1.9x faster, 8 concurrent "
+                        "ones ~1.1x")
     return parser.parse_args(argv)
 
 

@@ -450,10 +450,11 @@ def worth_compiling(images: int, image_size: int) -> bool:
 
 
 class CompiledEmbed:
-    """model.embed compiled by Inductor at one batch shape, with the weights frozen into the graph (constant-folded,
-    and prepacked for oneDNN on CPU): for a big batch job, or the app's lone queries (kept for the server's life). A
-    context manager: on exit every compiled graph is dropped, since frozen weights would go stale if the model changed
-    afterwards. Should compiling fail (no C++ compiler, say), it says so once and the eager model does the job."""
+    """model.embed compiled by Inductor at static batch shapes, with the weights frozen into the graph (constant-
+    folded, and prepacked for oneDNN on CPU): for a big batch job (one shape, the last batch padded), or the app's
+    queries (two shapes, kept for the server's life). A context manager: on exit every compiled graph is dropped,
+    since frozen weights would go stale if the model changed afterwards. Should compiling fail (no C++ compiler,
+    say), it says so once and the eager model does the job."""
 
     def __init__(self, model):
         from torch._inductor import config as inductor_config
