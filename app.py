@@ -230,12 +230,10 @@ class Encoder:
         compile_queries() ran (or with ``compiled``): passes at the two compiled sizes, 8 (the last padded) while 4
         or more images are left, since one pass of 8 costs about four of 1, then passes of 1."""
         compiled = compiled or self.query_model
-        if compiled is None:
-            return common.embed_images(self, images_uint8, self.device, self.dtype, batch_size=len(images_uint8),
-                                       progress=False)
         parts, start = [], 0
         while start < len(images_uint8):
-            size = QUERY_BATCH if len(images_uint8) - start >= QUERY_BATCH // 2 else 1
+            left = len(images_uint8) - start
+            size = left if compiled is None else QUERY_BATCH if left >= QUERY_BATCH // 2 else 1
             parts.append(common.embed_images(self, images_uint8[start:start + size], self.device, self.dtype,
                                              batch_size=size, progress=False, compiled=compiled))
             start += size
