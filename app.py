@@ -20,6 +20,7 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import pandas as pd
+import torch
 
 import common
 import evaluation
@@ -195,16 +196,40 @@ class MicroBatcher:
 
 
 QUERY_BATCH = 8  # the bigger of the two compiled query batch sizes (the other is 1)
+# The int8 batch-8 graph is used only if every calibration photo's embedding keeps at least this cosine to the bf16
+# model's: a random ViT-B/32 gave 0.9998, and a trained ViT kept its test precision@5 within 0.001 (BENCHMARKS.md).
+INT8_MIN_COSINE = 0.99
+INT8_CALIBRATION_PHOTOS = 64
+
+
+class VisionTower(torch.nn.Module):
+    """CLIP's image embedding (vision transformer, then projection: what get_image_features computes) as a module
+    that owns its weights, so that torch.export and the int8 quantizer see them."""
+
+    def __init__(self, vision_model, projection):
+        super().__init__()
+        self.vision_model, self.projection = vision_model, projection
+
+    def forward(self, pixel_values):  # [B, 3, S, S] -> [B, projection_dim]
+        return self.projection(self.vision_model(pixel_values=pixel_values).pooler_output)
+
+
+class QueryGraphs:
+    """The compiled query path, called like a model's embed: batches of 8 through one graph, of 1 through another."""
+
+    def __init__(self, single, batch):
+        self.single, self.batch = single, batch
+
+    def __call__(self, pixels):
+        return (self.batch if len(pixels) == QUERY_BATCH else self.single)(pixels)
 
 
 class Encoder:
     """CLIP image and text towers, with the same preprocessing as training (pad to a white square, resize)."""
 
     def __init__(self, model_path: str, device="cpu"):
-        import torch
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-        self.torch = torch
         self.model = common.load_pretrained(CLIPModel.from_pretrained, model_path, "CLIP model").eval()
         self.tokenizer = common.load_pretrained(CLIPTokenizer.from_pretrained, model_path, "CLIP tokenizer")
         processor = common.load_pretrained(CLIPImageProcessor.from_pretrained, model_path, "CLIP image processor")
@@ -217,7 +242,7 @@ class Encoder:
         # which re-casts every weight on every call (benchmarks/embed_throughput.py).
         self.model.to(self.device, dtype=self.dtype or torch.float32)
         self.dim = self.model.config.projection_dim
-        self.query_model = None  # a common.CompiledEmbed of self once compile_queries() ran; None = eager
+        self.query_model = None  # QueryGraphs once compile_queries() ran; None = eager
         self.batcher = MicroBatcher(self.embed_queries)
 
     def embed_pixels(self, images_uint8: np.ndarray, progress=False, compiled=None) -> np.ndarray:
@@ -239,20 +264,57 @@ class Encoder:
             start += size
         return np.concatenate(parts)
 
-    def compile_queries(self):
+    def compile_queries(self, calibration: np.ndarray | None = None):
         """Compile the query path at its two batch sizes, 1 (one user at a time) and 8 (concurrent users), now rather
         than on users' first queries: with the weights frozen in, the ViT-B/32 ran batch 1 in 19-30 ms against 31-45
         eager, and batch 8 in 77-134 ms against 97-168 (2 CPU cores, BENCHMARKS.md section 3). A graph with a
-        symbolic batch size, for any size, gained only 1.0-1.2x. Queries run eager until both graphs are ready, so it
-        may run in a thread beside a serving app. Call it after the catalog is built: the catalog job drops every
-        compiled graph when it ends."""
+        symbolic batch size, for any size, gained only 1.0-1.2x. With ``calibration`` photos (uint8 [N, 3, S, S],
+        N >= 8) the batch-8 graph is int8 instead (quantize_int8_batches). Queries run eager until both graphs are
+        ready, so it may run in a thread beside a serving app. Call it after the catalog is built: the catalog job
+        drops every compiled graph when it ends."""
         started = time.monotonic()
-        compiled = common.CompiledEmbed(self)
+        single = common.CompiledEmbed(self)
         blank = np.full((QUERY_BATCH, 3, self.image_size, self.image_size), 255, dtype=np.uint8)
-        self.embed_queries(blank[:1], compiled)
-        self.embed_queries(blank, compiled)
-        self.query_model = compiled
-        print(f"compiled the image query path in {time.monotonic() - started:.0f} s")
+        self.embed_queries(blank[:1], single)
+        batch = self.quantize_int8_batches(calibration) if calibration is not None else None
+        if batch is None:
+            batch = single
+            self.embed_queries(blank, single)  # compiles the bf16 batch-8 graph
+        self.query_model = QueryGraphs(single, batch)
+        print(f"compiled the image query path in {time.monotonic() - started:.0f} s "
+              f"(batch 8: {'int8' if batch is not single else 'bf16'})")
+
+    def quantize_int8_batches(self, calibration: np.ndarray):
+        """An int8 graph for batches of 8 (common.quantize_int8 over an fp32 copy of the vision tower, calibrated on
+        ``calibration``), or None where it cannot be had (no torchao, not a CPU) or disagrees with the bf16 model on
+        the calibration photos (a cosine under INT8_MIN_COSINE). On 2 CPU cores with int8 matrix units (AMX) it ran
+        batches of 8 1.1-1.7x faster than the frozen bf16 graph, and 8 clients got 1.15-1.45x the requests/s; batch 1
+        gained nothing clear (0.5-1.5x), so it stays bf16. The graph keeps the fp32 copy alive: ~0.6 GB more RSS."""
+        import copy
+
+        if self.device.type != "cpu":
+            return None
+        photos = np.array(calibration[:len(calibration) // QUERY_BATCH * QUERY_BATCH], order="C")
+        pixels = common.normalize(torch.from_numpy(photos), self.mean, self.std, self.device)
+        tower = VisionTower(copy.deepcopy(self.model.vision_model).float(),
+                            copy.deepcopy(self.model.visual_projection).float())
+        try:
+            graph = common.quantize_int8(tower, list(pixels.split(QUERY_BATCH)), self.dtype)
+            quantized = common.embed_images(self, photos, self.device, self.dtype, batch_size=QUERY_BATCH,
+                                            progress=False, compiled=graph)
+        except ImportError:
+            print("int8 query graph skipped: torchao is not installed (pip install torchao)")
+            return None
+        except Exception as exc:  # noqa: BLE001 - the bf16 graph does the job instead
+            print(f"int8 query graph skipped: {type(exc).__name__}: {str(exc)[:160]}")
+            return None
+        reference = common.embed_images(self, photos, self.device, self.dtype, batch_size=QUERY_BATCH, progress=False)
+        agreement = float(np.sum(quantized * reference, axis=1).min())
+        if agreement < INT8_MIN_COSINE:
+            print(f"int8 query graph not used: its embeddings of {len(photos)} catalog photos differ from the bf16 "
+                  f"model's (lowest cosine {agreement:.4f} < {INT8_MIN_COSINE})")
+            return None
+        return graph
 
     # embed_images() calls these two: the Encoder quacks like a model script's module.
     def eval(self):
@@ -274,10 +336,10 @@ class Encoder:
             raise QueryError("type a description to search by text")
         tokens = self.tokenizer([text[:1000]], padding=True, truncation=True,
                                 max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt")
-        with self.torch.inference_mode():
+        with torch.inference_mode():
             features = common.clip_text_features(self.model, tokens["input_ids"].to(self.device),
                                                  tokens["attention_mask"].to(self.device)).float()
-        return self.torch.nn.functional.normalize(features, dim=1)[0].cpu().numpy()
+        return torch.nn.functional.normalize(features, dim=1)[0].cpu().numpy()
 
 
 # Index type by catalog size, from benchmarks/search.py on 2 cores (BENCHMARKS.md): exact search costs ~1.8 ms per
@@ -600,7 +662,23 @@ def parse_args(argv=None):
                         help="compile the photo query path in the background at start (~45 s on 2 CPU cores; "
                         "until then queries run eager): a lone photo query then runs 1.35-1.9x faster, 8 concurrent "
                         "ones ~1.1x")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --compile, run batches of 8 concurrent photo queries through an int8 graph "
+                        f"calibrated on {INT8_CALIBRATION_PHOTOS} catalog photos (needs torchao): 8 clients got 1.15-1.45x "
+                        "the requests/s on a CPU with int8 matrix units; not used if it disagrees with the bf16 model")
     return parser.parse_args(argv)
+
+
+def calibration_photos(catalog: Catalog, size: int, count=INT8_CALIBRATION_PHOTOS) -> np.ndarray | None:
+    """uint8 [N, 3, S, S]: catalog photos spread over the whole catalog, decoded as queries are, to calibrate the
+    int8 graph on (None when fewer than a batch of them decode)."""
+    photos = []
+    for row in np.linspace(0, len(catalog) - 1, min(count, len(catalog))).astype(int):
+        try:
+            photos.append(common.decode_square(catalog.image_bytes(row), size))
+        except (ValueError, OSError, TypeError, KeyError):  # a missing or broken photo: calibrate on the others
+            continue
+    return np.stack(photos) if len(photos) >= QUERY_BATCH else None
 
 
 def load_service(args) -> tuple[SearchService, str]:
@@ -685,7 +763,10 @@ def main(argv=None):
     args = parse_args(argv)
     service, notice = load_service(args)
     if args.compile:  # serve at once, eager, and switch to the compiled graphs when they are ready (~45 s)
-        threading.Thread(target=service.encoder.compile_queries, daemon=True, name="compile-queries").start()
+        def compile_queries():
+            calibration = calibration_photos(service.catalog, service.encoder.image_size) if args.int8 else None
+            service.encoder.compile_queries(calibration)
+        threading.Thread(target=compile_queries, daemon=True, name="compile-queries").start()
     print(f"serving {len(service.catalog):,} items with {service.model_name} on http://{args.host}:{args.port} "
           f"(JSON API: POST /api/search_image, GET /api/search_text?q=)")
     serve(service, notice, args.host, args.port, args.share, args.max_upload_mb)

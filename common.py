@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -41,6 +42,9 @@ META_COLUMNS = ("id", "gender", "masterCategory", "subCategory", "articleType", 
 MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
+# transformers imports torchao (app.py's int8 path) whenever it is installed, and torchao 0.18 under torch 2.14 then
+# logs two deprecation notes about its own enums at every start: not ours to act on.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 class UserError(Exception):
@@ -479,6 +483,34 @@ class CompiledEmbed:
 
     def __exit__(self, *exc_info):
         torch.compiler.reset()
+
+
+def quantize_int8(module: nn.Module, calibration: list[torch.Tensor], dtype: torch.dtype | None):
+    """Static int8 post-training quantisation for the CPU's int8 matrix units: PT2E (torch.export, then torchao's
+    X86InductorQuantizer default config: activations per tensor, weights per channel, ranges observed on the
+    calibration batches), compiled by Inductor with frozen weights, and run once under autocast to ``dtype`` (as
+    embed_images will call it) so that it compiles here. The module must own its weights as parameters (weights a
+    closure merely captures stay float). The graph takes the calibration batches' shape only: exported with a
+    dynamic batch dimension it ran no faster than bf16 (BENCHMARKS.md section 1). It keeps the float module alive
+    (~0.6 GB for a ViT-B/32 tower; Inductor's freezing_discard_parameters freed only 45 MB of it, so it is not used).
+    Raises ImportError without torchao."""
+    import warnings
+
+    from torch._inductor import config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchao's notes on its own internals, once per quantised layer
+        prepared = prepare_pt2e(torch.export.export(module.eval(), (calibration[0],)).module(), quantizer)
+        with torch.no_grad():
+            for batch in calibration:  # the observers record each activation's range
+                prepared(batch)
+        graph = inductor_config.patch(freezing=True)(torch.compile(convert_pt2e(prepared), dynamic=False))
+        with torch.inference_mode(), autocast(calibration[0].device, dtype):
+            graph(calibration[0].clone())  # an inference tensor, as embed_images passes: else it compiles twice
+    return graph
 
 
 def maybe_compiled(model, images: int, image_size: int):

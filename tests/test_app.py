@@ -230,7 +230,8 @@ def test_micro_batcher_hands_an_error_to_every_request_and_lives_on():
 
 def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_runs):
     """After compile_queries(), every batch size the MicroBatcher forms (1-16) runs through the two graphs compiled
-    at start (batch 1, and 8 with padding): no compile on a user's query, and the eager embeddings."""
+    at start (batch 1 in bf16, and 8 with padding in int8, calibrated on photos): no compile on a user's query, and
+    the eager embeddings (int8: up to its small error)."""
     import torch
 
     encoder = app.Encoder(str(trained_runs["clip"] / "hf_model"))
@@ -240,15 +241,51 @@ def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_
     sizes = (1, 3, 5, 8, 13, 16)
     eager = {n: encoder.embed_queries(images[:n]) for n in sizes}
     try:
-        encoder.compile_queries()
+        encoder.compile_queries(calibration=images)
+        graphs = encoder.query_model
+        assert graphs.single.fn is not graphs.single.eager, "compiling failed"
+        assert graphs.batch is not graphs.single, "the int8 batch-8 graph was not built"
         with torch._dynamo.config.patch(error_on_recompile=True):  # a third graph would fall back to eager
             for n in sizes:
                 compiled = encoder.embed_queries(images[:n])
                 assert compiled.shape == eager[n].shape
-                assert np.all(np.sum(compiled * eager[n], axis=1) > 0.999)
-        assert encoder.query_model.fn is not encoder.query_model.eager, "compiling failed, or compiled a third graph"
+                cosines = np.sum(compiled * eager[n], axis=1)
+                quantized = n - (n % 8 if n % 8 < 4 else 0)  # rows in passes of 8; a rest of 1-3 runs one by one
+                assert np.all(cosines > 0.99)
+                # int8 rows measured 0.99992-0.99996 here, bf16 ones 0.99999: int8 errs visibly, not much
+                assert np.all(cosines[:quantized] < 0.99999), "passes of 8 ran unquantised"
+                assert np.all(cosines[quantized:] > 0.999), "single photos ran quantised"
+        assert graphs.single.fn is not graphs.single.eager, "a batch size recompiled"
     finally:
         torch.compiler.reset()
+
+
+def test_int8_graph_is_refused_when_it_disagrees_with_bf16_or_torchao_is_missing(trained_runs, monkeypatch, capsys):
+    import torch
+
+    encoder = app.Encoder(str(trained_runs["clip"] / "hf_model"))
+    photos = np.random.default_rng(1).integers(0, 256, (8, 3, encoder.image_size, encoder.image_size), np.uint8)
+    monkeypatch.setattr(app, "INT8_MIN_COSINE", 1.01)  # no int8 graph can agree this well
+    try:
+        assert encoder.quantize_int8_batches(photos) is None
+    finally:
+        torch.compiler.reset()
+    assert "int8 query graph not used" in capsys.readouterr().out
+
+    def no_torchao(*args):
+        raise ImportError("No module named 'torchao'")
+    monkeypatch.setattr(app.common, "quantize_int8", no_torchao)
+    assert encoder.quantize_int8_batches(photos) is None
+    assert "torchao is not installed" in capsys.readouterr().out
+
+
+def test_calibration_photos_are_decoded_catalog_photos(service):
+    size = service.encoder.image_size
+    photos = app.calibration_photos(service.catalog, size, count=10)
+    assert photos.shape == (10, 3, size, size) and photos.dtype == np.uint8
+    first = app.common.decode_square(service.catalog.image_bytes(0), size)
+    assert np.array_equal(photos[0], first)  # spread over the catalog from its first row to its last
+    assert app.calibration_photos(service.catalog, size, count=app.QUERY_BATCH - 1) is None  # under one batch
 
 
 def test_the_item_itself_comes_first(service):

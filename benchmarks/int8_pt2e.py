@@ -1,0 +1,143 @@
+"""int8 against bf16 for the ViT: static int8 post-training quantisation (common.quantize_int8: PT2E, torchao's
+X86InductorQuantizer, calibration on product photos, Inductor with frozen weights, bf16 autocast around it) against
+the frozen bf16 graph (common.CompiledEmbed), per batch size, interleaved rounds in one process. With --run, also
+the retrieval metrics of a trained clip.py run both ways (test queries against the train gallery), since a speed-up
+that moves the neighbours is not one.
+
+Usage: python benchmarks/int8_pt2e.py [--model /tmp/clip-b32] [--batch-sizes 1 8 64] [--run runs/from-scratch/clip]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
+
+
+class ImageEmbed(torch.nn.Module):
+    """fn(model, pixels) -> embeddings as a module holding the model: torch.export sees its weights as parameters,
+    which the quantizer needs (weights a lambda merely captures stay unquantised). .embed is what
+    common.CompiledEmbed calls."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def embed(self, pixels):
+        return self.fn(self.model, pixels)
+
+    forward = embed
+
+
+def run_embed(fn, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Normalised pixels [N, 3, S, S] -> unit float32 [N, D] at one static batch shape (the last batch padded)."""
+    out = []
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        for start in range(0, len(pixels), batch_size):
+            batch = pixels[start:start + batch_size]
+            rows = len(batch)
+            # A copy made here is an inference tensor, as embed_images passes; a view of `pixels` would recompile.
+            batch = torch.cat([batch, batch.new_zeros(batch_size - rows, *batch.shape[1:])])
+            out.append(F.normalize(fn(batch)[:rows].float(), dim=1))
+    return torch.cat(out).numpy()
+
+
+def timed(fn, batch, repeats=4) -> float:
+    """Median ms per call after one warm call."""
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        batch = batch.clone()  # an inference tensor, as in run_embed
+        fn(batch)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(batch)
+            times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def photos(count: int, size: int) -> np.ndarray:
+    """uint8 [count, 3, S, S] product photos from the shared data set (random pixels where it is absent)."""
+    if not SHARED.exists():
+        return np.random.default_rng(0).integers(0, 256, (count, 3, size, size), dtype=np.uint8)
+    from datasets import Image as ImageFeature
+
+    data = common.load_raw_dataset(str(SHARED))
+    split = data["train"] if hasattr(data, "keys") else data
+    cells = split.cast_column("image", ImageFeature(decode=False)).select(range(count))["image"]
+    return np.stack([common.decode_square(common.cell_bytes(cell), size) for cell in cells])
+
+
+def speed(args):
+    from transformers import CLIPModel
+
+    clip = common.load_pretrained(CLIPModel.from_pretrained, args.model, "CLIP model").eval()
+    size = clip.config.vision_config.image_size
+    pixels = common.normalize(torch.from_numpy(np.array(photos(128, size), order="C")),
+                              common.CLIP_MEAN, common.CLIP_STD, torch.device("cpu"))
+    exact = run_embed(lambda x: common.clip_image_features(clip, x), pixels, len(pixels))  # fp32 weights, autocast
+    clip_bf16 = CLIPModel.from_pretrained(args.model).eval().to(dtype=torch.bfloat16)
+    with common.CompiledEmbed(ImageEmbed(clip_bf16, common.clip_image_features)) as bf16:
+        for batch_size in args.batch_sizes:
+            calibration = list(pixels[:len(pixels) // batch_size * batch_size].split(batch_size))[:16]
+            int8 = common.quantize_int8(ImageEmbed(clip, common.clip_image_features), calibration, torch.bfloat16)
+            cosines = {name: (run_embed(fn, pixels, batch_size) * exact).sum(1).min() for name, fn in
+                       (("bf16", bf16), ("int8", int8))}
+            print(f"batch {batch_size}: min cosine to fp32 weights: bf16 {cosines['bf16']:.5f}, "
+                  f"int8 {cosines['int8']:.5f}")
+            for round_ in range(args.rounds):
+                batch = pixels[:batch_size]
+                ms_bf16, ms_int8 = timed(bf16, batch), timed(int8, batch)
+                print(f"  round {round_}: bf16 {ms_bf16:7.1f} ms ({batch_size * 1000 / ms_bf16:5.1f} img/s)  "
+                      f"int8 {ms_int8:7.1f} ms ({batch_size * 1000 / ms_int8:5.1f} img/s)  {ms_bf16 / ms_int8:.2f}x")
+
+
+def retrieval(args):
+    import clip as clip_script
+    import evaluation
+
+    model, state = common.load_trained(args.run, "clip", clip_script.build_model, torch.device("cpu"))
+    model.eval()
+    data, _ = common.load_processed(args.data)
+    size = state["image_size"]
+
+    def split_pixels(split):
+        images, _ = common.image_cache(data[split], size, args.cache_dir)
+        return common.normalize(torch.from_numpy(np.array(images)), model.mean, model.std, torch.device("cpu"))
+
+    train, test = split_pixels("train"), split_pixels("test")
+    train_labels, test_labels = np.array(data["train"]["label"]), np.array(data["test"]["label"])
+    calibration = list(train[:1024].split(256))  # 1,024 training photos
+    tower = ImageEmbed(model, lambda model, pixels: model.embed(pixels))
+    int8 = common.quantize_int8(tower, calibration, torch.bfloat16)
+    for name, fn in (("bf16 autocast", model.embed), ("int8", int8)):
+        metrics = evaluation.evaluate(run_embed(fn, test, 256), test_labels, run_embed(fn, train, 256), train_labels)
+        print(f"{name}: precision@5 {metrics['precision@5']:.4f}  macro_precision@5 "
+              f"{metrics['macro_precision@5']:.4f}  map@r {metrics['map@r']:.4f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="/tmp/clip-b32",
+                        help="a CLIP save_pretrained folder (benchmarks/make_clip_b32.py makes a random ViT-B/32)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64],
+                        help="the app's two query sizes and the catalog export's")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds per batch size")
+    parser.add_argument("--run", help="a trained clip.py run folder: compare its retrieval metrics too")
+    parser.add_argument("--data", default="data/processed", help="the processed data set the run was trained on")
+    parser.add_argument("--cache-dir", default="data/cache", help="decoded-image cache (as the model scripts use)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.run:
+        retrieval(args)
+    speed(args)
+
+
+if __name__ == "__main__":
+    common.cli(main)
