@@ -659,7 +659,7 @@ def parse_args(argv=None):
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="let URL queries reach private/loopback addresses: for local testing only")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the photo query path in the background at start (~45 s on 2 CPU cores; "
+                        help="compile the photo query path in the background at start (~45-65 s on 2 CPU cores; "
                         "until then queries run eager): a lone photo query then runs 1.35-1.9x faster, 8 concurrent "
                         "ones ~1.1x")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
@@ -762,7 +762,7 @@ def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=
 def main(argv=None):
     args = parse_args(argv)
     service, notice = load_service(args)
-    if args.compile:  # serve at once, eager, and switch to the compiled graphs when they are ready (~45 s)
+    if args.compile:  # serve at once, eager, and switch to the compiled graphs when they are ready (~45-65 s)
         def compile_queries():
             calibration = calibration_photos(service.catalog, service.encoder.image_size) if args.int8 else None
             service.encoder.compile_queries(calibration)
