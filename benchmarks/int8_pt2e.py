@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
+from embed_throughput import jpegs  # noqa: E402  (product photos of the shared data set, or random ones)
 
 
 class ImageEmbed(torch.nn.Module):
@@ -62,25 +62,14 @@ def timed(fn, batch, repeats=4) -> float:
     return 1000 * float(np.median(times))
 
 
-def photos(count: int, size: int) -> np.ndarray:
-    """uint8 [count, 3, S, S] product photos from the shared data set (random pixels where it is absent)."""
-    if not SHARED.exists():
-        return np.random.default_rng(0).integers(0, 256, (count, 3, size, size), dtype=np.uint8)
-    from datasets import Image as ImageFeature
-
-    data = common.load_raw_dataset(str(SHARED))
-    split = data["train"] if hasattr(data, "keys") else data
-    cells = split.cast_column("image", ImageFeature(decode=False)).select(range(count))["image"]
-    return np.stack([common.decode_square(common.cell_bytes(cell), size) for cell in cells])
-
-
 def speed(args):
     from transformers import CLIPModel
 
     clip = common.load_pretrained(CLIPModel.from_pretrained, args.model, "CLIP model").eval()
     size = clip.config.vision_config.image_size
-    pixels = common.normalize(torch.from_numpy(np.array(photos(128, size), order="C")),
-                              common.CLIP_MEAN, common.CLIP_STD, torch.device("cpu"))
+    photos = np.stack([common.decode_square(data, size) for data in jpegs(128)])
+    pixels = common.normalize(torch.from_numpy(np.array(photos, order="C")), common.CLIP_MEAN, common.CLIP_STD,
+                              torch.device("cpu"))
     exact = run_embed(lambda x: common.clip_image_features(clip, x), pixels, len(pixels))  # fp32 weights, autocast
     clip_bf16 = CLIPModel.from_pretrained(args.model).eval().to(dtype=torch.bfloat16)
     with common.CompiledEmbed(ImageEmbed(clip_bf16, common.clip_image_features)) as bf16:
