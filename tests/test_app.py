@@ -295,6 +295,9 @@ def test_the_item_itself_comes_first(service):
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
     assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score"}
+    item = service.catalog.meta.iloc[service.catalog.row_of_id[item_id]]  # the record is that item's metadata
+    assert all(results[0][field] == item[field] for field in app.RESULT_FIELDS)
+    assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
 
 
 def test_filters_apply_inside_the_search(service):
