@@ -11,8 +11,10 @@ import collections
 import http.client
 import ipaddress
 import json
+import os
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -540,6 +542,7 @@ class SearchService:
     def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False):
         self.encoder, self.catalog, self.model_name = encoder, catalog, model_name
         self.allow_private_urls = allow_private_urls
+        self._photos = tempfile.TemporaryDirectory(prefix="fashion-search-photos-")  # removed with the service
 
     def filters(self, gender=None, master_category=None, article_type=None):
         return {"gender": gender, "masterCategory": master_category, "articleType": article_type}
@@ -569,9 +572,22 @@ class SearchService:
         return self.catalog.search(self.catalog.embeddings[row], self.filters(*filters))
 
     def gallery(self, results):
-        return [(common.open_image(self.catalog.image_bytes(self.catalog.row_of_id[r["id"]])),
+        return [(self.photo_file(self.catalog.row_of_id[r["id"]]),
                  f"score {r['score']:.3f} · {r['articleType']} · {r['baseColour']} · {r['gender']} · "
                  f"{r['productDisplayName']}") for r in results]
+
+    def photo_file(self, row: int) -> str:
+        """A catalog photo as a JPEG file for the page's gallery, written the first time the item is shown. Gradio
+        serves a file as it is, where it re-encoded a PIL image on every query (as WebP: 26-35 ms for a gallery of
+        five, BENCHMARKS.md section 3). Decoded and re-encoded once, so any format the catalog holds reaches the
+        browser as an upright RGB JPEG. At most one file of a few KB per catalog item, in a folder removed with the
+        service."""
+        path = Path(self._photos.name) / f"{row}.jpg"
+        if not path.exists():
+            partial = path.with_name(f".{row}.{threading.get_ident()}.jpg")
+            common.open_image(self.catalog.image_bytes(row)).save(partial, "JPEG", quality=90)
+            os.replace(partial, path)  # whole files only, also when two queries show the same item at once
+        return str(path)
 
 
 def build_page(service: SearchService, notice: str = ""):

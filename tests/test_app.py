@@ -300,6 +300,22 @@ def test_the_item_itself_comes_first(service):
     assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
 
 
+def test_gallery_shows_each_result_photo_from_a_jpeg_file_written_once(service):
+    item_id, data = catalog_photo(service, 2)
+    results = service.search_item(item_id)
+    gallery = service.gallery(results)
+    assert len(gallery) == 5
+    path, caption = gallery[0]
+    assert results[0]["articleType"] in caption and results[0]["productDisplayName"] in caption
+    with Image.open(path) as shown:
+        assert shown.format == "JPEG" and shown.mode == "RGB"
+        original = np.asarray(app.common.open_image(data), dtype=np.float32)
+        assert shown.size == (original.shape[1], original.shape[0])
+        assert np.abs(np.asarray(shown, dtype=np.float32) - original).mean() < 4  # the same photo, re-encoded
+    written = Path(path).stat().st_mtime_ns
+    assert service.gallery(results)[0][0] == path and Path(path).stat().st_mtime_ns == written  # not rewritten
+
+
 def test_filters_apply_inside_the_search(service):
     _, data = catalog_photo(service, 0)
     results = service.search_image_bytes(data, "Women", "Accessories", None)
