@@ -198,9 +198,6 @@ class MicroBatcher:
 
 
 QUERY_BATCH = 8  # the bigger of the two compiled query batch sizes (the other is 1)
-# The int8 batch-8 graph is used only if every calibration photo's embedding keeps at least this cosine to the bf16
-# model's: a random ViT-B/32 gave 0.9998, and a trained ViT kept its test precision@5 within 0.001 (BENCHMARKS.md).
-INT8_MIN_COSINE = 0.99
 INT8_CALIBRATION_PHOTOS = 64
 
 
@@ -229,7 +226,7 @@ class QueryGraphs:
 class Encoder:
     """CLIP image and text towers, with the same preprocessing as training (pad to a white square, resize)."""
 
-    def __init__(self, model_path: str, device="cpu"):
+    def __init__(self, model_path: str, device="cpu", int8=True):
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         self.model = common.load_pretrained(CLIPModel.from_pretrained, model_path, "CLIP model").eval()
@@ -244,6 +241,7 @@ class Encoder:
         # which re-casts every weight on every call (benchmarks/embed_throughput.py).
         self.model.to(self.device, dtype=self.dtype or torch.float32)
         self.dim = self.model.config.projection_dim
+        self.int8_worthwhile = int8  # False: a very big catalog embeds in bf16 too (common.job_embed)
         self.query_model = None  # QueryGraphs once compile_queries() ran; None = eager
         self.batcher = MicroBatcher(self.embed_queries)
 
@@ -287,36 +285,22 @@ class Encoder:
               f"(batch 8: {'int8' if batch is not single else 'bf16'})")
 
     def quantize_int8_batches(self, calibration: np.ndarray):
-        """An int8 graph for batches of 8 (common.quantize_int8 over an fp32 copy of the vision tower, calibrated on
-        ``calibration``), or None where it cannot be had (no torchao, not a CPU) or disagrees with the bf16 model on
-        the calibration photos (a cosine under INT8_MIN_COSINE). On 2 CPU cores with int8 matrix units (AMX) it ran
-        batches of 8 1.1-1.7x faster than the frozen bf16 graph, and 8 clients got 1.15-1.45x the requests/s; batch 1
-        gained nothing clear (0.5-1.5x), so it stays bf16. The graph keeps the fp32 copy alive: ~0.6 GB more RSS."""
-        import copy
-
+        """An int8 graph for batches of 8 (common.int8_embed_graph, calibrated on ``calibration``), or None where it
+        cannot be had (no torchao, not a CPU) or disagrees with the bf16 model on the calibration photos. On 2 CPU
+        cores with int8 matrix units (AMX) it ran batches of 8 1.1-1.7x faster than the frozen bf16 graph, and 8
+        clients got 1.15-1.45x the requests/s; batch 1 gained nothing clear (0.5-1.5x), so it stays bf16. The graph
+        keeps an fp32 copy of the vision tower alive: ~0.6 GB more RSS."""
         if self.device.type != "cpu":
             return None
-        photos = np.array(calibration[:len(calibration) // QUERY_BATCH * QUERY_BATCH], order="C")
-        pixels = common.normalize(torch.from_numpy(photos), self.mean, self.std, self.device)
-        tower = VisionTower(copy.deepcopy(self.model.vision_model).float(),
-                            copy.deepcopy(self.model.visual_projection).float())
-        try:
-            graph = common.quantize_int8(tower, list(pixels.split(QUERY_BATCH)), self.dtype)
-            quantized = common.embed_images(self, photos, self.device, self.dtype, batch_size=QUERY_BATCH,
-                                            progress=False, compiled=graph)
-        except ImportError:
-            print("int8 query graph skipped: torchao is not installed (pip install torchao)")
-            return None
-        except Exception as exc:  # noqa: BLE001 - the bf16 graph does the job instead
-            print(f"int8 query graph skipped: {type(exc).__name__}: {str(exc)[:160]}")
-            return None
-        reference = common.embed_images(self, photos, self.device, self.dtype, batch_size=QUERY_BATCH, progress=False)
-        agreement = float(np.sum(quantized * reference, axis=1).min())
-        if agreement < INT8_MIN_COSINE:
-            print(f"int8 query graph not used: its embeddings of {len(photos)} catalog photos differ from the bf16 "
-                  f"model's (lowest cosine {agreement:.4f} < {INT8_MIN_COSINE})")
-            return None
-        return graph
+        photos = calibration[:len(calibration) // QUERY_BATCH * QUERY_BATCH]
+        return common.int8_embed_graph(self, photos, QUERY_BATCH, self.device, self.dtype)
+
+    def float_embed_module(self):
+        """The image embedding as an fp32 module that owns its weights, for common.int8_embed_graph to export."""
+        import copy
+
+        return VisionTower(copy.deepcopy(self.model.vision_model).float(),
+                           copy.deepcopy(self.model.visual_projection).float())
 
     # embed_images() calls these two: the Encoder quacks like a model script's module.
     def eval(self):
@@ -519,8 +503,8 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     else:
         embeddings, metas = [], []
         cached = {name: common.image_cache(split, encoder.image_size, cache_dir) for name, split in splits.items()}
-        total = sum(len(images) for images, _ in cached.values())
-        with common.maybe_compiled(encoder, total, encoder.image_size) as compiled:  # one compile for every split
+        with common.job_embed(encoder, [images for images, _ in cached.values()], encoder.device, encoder.dtype,
+                              common.EMBED_BATCH) as compiled:  # one graph for every split
             for name, split in splits.items():
                 images, ok = cached[name]
                 keep = np.flatnonzero(ok)
@@ -684,7 +668,8 @@ def parse_args(argv=None):
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                         help="with --compile, run batches of 8 concurrent photo queries through an int8 graph "
                         f"calibrated on {INT8_CALIBRATION_PHOTOS} catalog photos (needs torchao): 8 clients got 1.15-1.45x "
-                        "the requests/s on a CPU with int8 matrix units; not used if it disagrees with the bf16 model")
+                        "the requests/s on a CPU with int8 matrix units; not used if it disagrees with the bf16 model. "
+                        "Also embeds a catalog of 20k+ photos in int8 (--no-int8: bf16)")
     return parser.parse_args(argv)
 
 
@@ -703,7 +688,7 @@ def calibration_photos(catalog: Catalog, size: int, count=INT8_CALIBRATION_PHOTO
 def load_service(args) -> tuple[SearchService, str]:
     run = Path(args.run)
     if (run / "hf_model" / "config.json").exists():
-        encoder = Encoder(str(run / "hf_model"), args.device)
+        encoder = Encoder(str(run / "hf_model"), args.device, args.int8)
         catalog = catalog_from_run(run, encoder, args.dataset, args.cache_dir)
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {args.model} "
@@ -711,7 +696,7 @@ def load_service(args) -> tuple[SearchService, str]:
     print(notice)
     dataset = args.dataset or common.HUB_DATASET
     try:
-        encoder = Encoder(args.model, args.device)
+        encoder = Encoder(args.model, args.device, args.int8)
         index_dir = Path("runs") / "zero-shot-clip" / "index"
         catalog = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model)
     except common.UserError as exc:

@@ -5,6 +5,7 @@ Model scripts (resnet.py, clip.py, siamese.py, vae.py) import this module and ne
 A model handed to this module is an ``nn.Module`` with:
   - ``embed(images) -> [B, D]``: the retrieval embedding (normalised here, not there);
   - ``mean`` / ``std``: per-channel input normalisation (tuples of 3 floats);
+  - optionally ``int8_worthwhile = False``: big CPU jobs then embed in bf16 rather than int8 (job_embed);
 and the script passes ``loss_fn(model, images, labels, rows) -> loss`` for training.
 """
 from __future__ import annotations
@@ -153,14 +154,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16
     autocast is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return any(flag in cpu_flags() for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def cpu_supports_int8() -> bool:
+    """True where the CPU has int8 matrix instructions (AVX512-VNNI or AMX), which int8 graphs need to be fast."""
+    return any(flag in cpu_flags() for flag in (" avx512_vnni", " amx_int8"))
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
@@ -447,10 +456,24 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # ViT-B/32 1.31-1.45x faster than eager at batch 64 on 2 CPU cores, after a 7-25 s compile (BENCHMARKS.md section 1).
 # That pays from a few thousand 224 px images; a 64 px image costs ~12x less, hence the budget in 224 px equivalents.
 COMPILE_FROM_224PX_IMAGES = 5_000
+EMBED_BATCH = 256  # photos per forward pass of a batch job (--eval-batch-size)
+# A bigger job also repays quantising to int8 on a CPU with int8 matrix units: end to end 1.15-1.67x (ResNet-50) and
+# 1.23-1.34x (ViT-B/32) the frozen bf16 graph's photos/s, after 25-77 s of setup (export, calibration, compile, check)
+# against its 6-25 s: that pays from ~5k and ~11k 224 px photos (BENCHMARKS.md section 1).
+INT8_FROM_224PX_IMAGES = 20_000
+# The int8 graph is used only if every calibration photo's embedding keeps at least this cosine to the model's own:
+# random full-size models gave 0.9998, and the trained ResNet-18, ViT and Siamese runs kept their test precision@5
+# within 0.002 (BENCHMARKS.md).
+INT8_MIN_COSINE = 0.99
 
 
 def worth_compiling(images: int, image_size: int) -> bool:
     return images * (image_size / 224) ** 2 >= COMPILE_FROM_224PX_IMAGES
+
+
+def worth_int8(model, images: int, image_size: int, device: torch.device) -> bool:
+    return (device.type == "cpu" and cpu_supports_int8() and getattr(model, "int8_worthwhile", True)
+            and images * (image_size / 224) ** 2 >= INT8_FROM_224PX_IMAGES)
 
 
 class CompiledEmbed:
@@ -503,7 +526,13 @@ def quantize_int8(module: nn.Module, calibration: list[torch.Tensor], dtype: tor
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchao's notes on its own internals, once per quantised layer
-        prepared = prepare_pt2e(torch.export.export(module.eval(), (calibration[0],)).module(), quantizer)
+        exported = torch.export.export(module.eval(), (calibration[0],)).module()
+        # export turns each .float() / .to(dtype) into a dtype assertion, which bf16 autocast would then fail
+        for node in list(exported.graph.nodes):
+            if node.target is torch.ops.aten._assert_tensor_metadata.default:
+                exported.graph.erase_node(node)
+        exported.recompile()
+        prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
             for batch in calibration:  # the observers record each activation's range
                 prepared(batch)
@@ -513,17 +542,77 @@ def quantize_int8(module: nn.Module, calibration: list[torch.Tensor], dtype: tor
     return graph
 
 
-def maybe_compiled(model, images: int, image_size: int):
-    """A CompiledEmbed when the job is big enough to repay the compile, else a context that yields None."""
-    return CompiledEmbed(model) if worth_compiling(images, image_size) else contextlib.nullcontext()
+class _EmbedModule(nn.Module):
+    """``model.embed`` as the forward of a module that owns the model, as torch.export needs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.embed(images)
+
+
+def int8_embed_graph(model, photos: np.ndarray, batch_size: int, device, dtype, channels_last=False):
+    """An int8 graph of ``model.embed`` for batches of ``batch_size`` (quantize_int8 over an fp32 copy of the model,
+    calibrated on ``photos``, uint8 [N, 3, S, S] with N a multiple of batch_size), or None where it cannot be had (no
+    torchao, an export the quantizer refuses) or where it disagrees with the model on those photos (a cosine under
+    INT8_MIN_COSINE). A model whose weights are not its own fp32 parameters (app.Encoder) provides
+    ``float_embed_module()`` to export."""
+    import copy
+
+    photos = np.array(photos, order="C")
+    pixels = normalize(torch.from_numpy(photos), model.mean, model.std, device, channels_last)
+    try:
+        module = model.float_embed_module() if hasattr(model, "float_embed_module") else \
+            _EmbedModule(copy.deepcopy(model).float())
+        graph = quantize_int8(module, list(pixels.split(batch_size)), dtype)
+        quantized = embed_images(model, photos, device, dtype, batch_size, progress=False,
+                                 channels_last=channels_last, compiled=graph)
+    except ImportError:
+        print("int8 embedding skipped: torchao is not installed (pip install torchao)")
+        return None
+    except Exception as exc:  # noqa: BLE001 - the bf16 model does the job instead
+        print(f"int8 embedding skipped: {type(exc).__name__}: {str(exc)[:160]}")
+        return None
+    reference = embed_images(model, photos, device, dtype, batch_size, progress=False, channels_last=channels_last)
+    agreement = float(np.sum(quantized * reference, axis=1).min())
+    if agreement < INT8_MIN_COSINE:
+        print(f"int8 embedding not used: its embeddings of {len(photos)} photos differ from the model's "
+              f"(lowest cosine {agreement:.4f} < {INT8_MIN_COSINE})")
+        return None
+    return graph
+
+
+@contextlib.contextmanager
+def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, channels_last=False, int8=True):
+    """What a batch job over ``image_sets`` (uint8 [N, 3, S, S] each) passes to embed_images as ``compiled``: None
+    (eager) for a small job, a CompiledEmbed for a big one, and for a very big one on a CPU with int8 matrix units
+    (unless ``int8`` is False) an int8 graph calibrated on its first batch, when it agrees with the model. Every graph
+    is dropped at exit."""
+    total = sum(len(images) for images in image_sets)
+    size = image_sets[0].shape[-1] if image_sets else 0
+    if not worth_compiling(total, size):
+        yield None
+        return
+    first = next((images for images in image_sets if len(images) >= batch_size), None)
+    graph = None
+    if int8 and first is not None and worth_int8(model, total, size, device):
+        graph = int8_embed_graph(model, first[:batch_size], batch_size, device, dtype, channels_last)
+        if graph is not None:
+            print(f"embedding {total:,} photos through an int8 graph (calibrated on the first {batch_size})")
+    try:
+        yield graph or CompiledEmbed(model)
+    finally:
+        torch.compiler.reset()
 
 
 @torch.inference_mode()
-def embed_images(model, images: np.ndarray, device, dtype, batch_size=256, desc="embed",
-                 channels_last=False, progress=True, compiled: CompiledEmbed | None = None) -> np.ndarray:
+def embed_images(model, images: np.ndarray, device, dtype, batch_size=EMBED_BATCH, desc="embed",
+                 channels_last=False, progress=True, compiled=None) -> np.ndarray:
     """uint8 [N, 3, S, S] -> float32 [N, D], L2-normalised, in batches under inference_mode + autocast.
-    With ``compiled``, every batch runs through it at one shape (the last one padded with zeros) so that it
-    compiles once."""
+    With ``compiled`` (a CompiledEmbed or an int8 graph of model.embed), every batch runs through it at one shape
+    (the last one padded with zeros) so that it compiles once."""
     model.eval()
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
@@ -579,12 +668,13 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
     add("--seed", type=int, default=0)
     add("--device", type=device_arg, default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     add("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-        help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+        help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32, and int8 to embed a "
+             "catalog of 20k+ photos on a CPU with int8 units (checked against the model first)")
     add("--cache-dir", default="data/cache", help="decoded-image cache (uint8 .npy per split and size)")
     add("--resume", action="store_true", help="continue an interrupted run from <output-dir>/last.pt")
     add("--embed-only", action="store_true", help="embed --data with the trained run --checkpoint, no training")
     add("--checkpoint", default=None, help="with --embed-only: the trained run folder")
-    add("--eval-batch-size", type=positive_int, default=256)
+    add("--eval-batch-size", type=positive_int, default=EMBED_BATCH)
 
 
 def validate_args(args, name: str):
@@ -854,14 +944,26 @@ def fold_batchnorm(model):
         return model
     folded = copy.deepcopy(model).eval()
     folded.backbone = fuse(folded.backbone)
+    # torchvision calls one ReLU module up to three times per block; the int8 quantizer (int8_embed_graph) groups
+    # the calls of one module together and refuses the group ("more than one output node"), so each call becomes
+    # its own torch.relu node. The same function.
+    graph = folded.backbone.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(folded.backbone.get_submodule(node.target), nn.ReLU):
+            with graph.inserting_after(node):
+                node.replace_all_uses_with(graph.call_function(torch.relu, node.args))
+            graph.erase_node(node)
+    folded.backbone.delete_all_unused_submodules()
+    folded.backbone.recompile()
     return folded
 
 
 def embed_splits(model, splits: dict, run_dir, args, channels_last=False):
     model = fold_batchnorm(model)
     prepared = {split: split_rows(split_ds, args)[:2] for split, split_ds in splits.items()}
-    total = sum(len(rows) for rows, _ in prepared.values())
-    with maybe_compiled(model, total, args.image_size) as compiled:  # one compile for every split
+    image_sets = [rows.images for rows, _ in prepared.values()]
+    with job_embed(model, image_sets, args.device_obj, args.autocast_dtype, args.eval_batch_size, channels_last,
+                   int8=args.precision == "auto") as compiled:  # one graph for every split
         for split, (rows, split_ds) in prepared.items():
             embeddings = embed_images(model, rows.images, args.device_obj, args.autocast_dtype, args.eval_batch_size,
                                       f"embed {split}", channels_last, compiled=compiled)

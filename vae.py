@@ -27,6 +27,8 @@ def parse_args(argv=None):
 
 class VAEClassifier(nn.Module):
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the VAE expects pixels in [-1, 1]
+    # Big CPU jobs stay bf16: the int8 encoder ran 0.99-1.12x as fast as the bf16 graph (BENCHMARKS.md section 1)
+    int8_worthwhile = False
 
     def __init__(self, vae, head, embedding_dim, grid=4):
         super().__init__()

@@ -1,7 +1,8 @@
 """Embedding throughput, end to end (JPEG bytes in, unit vectors out), per backbone at its input size:
 naive (fp32, the Hugging Face / torchvision preprocessing image by image) against ours (batched draft-mode JPEG
 decode, pre-decoded uint8 tensors, inference_mode, bf16 autocast where the CPU has it, channels_last for CNNs), eager
-and compiled (common.CompiledEmbed, what a catalog export uses; the compile time is reported apart).
+compiled (common.CompiledEmbed, what a catalog export uses; the compile time is reported apart), and int8 (what a
+very big catalog job uses on a CPU with int8 matrix units: common.job_embed).
 Also the machine's measured matmul peak and each model's share of it (FLOPs per image x images/s).
 Random weights from the real configurations: same compute as the pretrained models, no download.
 
@@ -93,17 +94,18 @@ def build(name):
 
 
 class Wrapped(torch.nn.Module):
-    """The ViT through its embed function; the CNN as a .backbone, so that common.fold_batchnorm applies to it."""
-    def __init__(self, model, embed, mean, std, cnn):
+    """The ViT as a .model; the CNN as a .backbone, so that common.fold_batchnorm applies to it. embed() reaches the
+    weights through self, so that a copy of the module (the int8 path exports an fp32 copy) embeds with its own."""
+    def __init__(self, model, mean, std, cnn):
         super().__init__()
         self.mean, self.std, self.cnn = mean, std, cnn
         if cnn:
             self.backbone = model
         else:
-            self.model, self._embed = model, embed
+            self.model = model
 
     def embed(self, x):
-        return self.backbone(x) if self.cnn else self._embed(x)
+        return self.backbone(x) if self.cnn else common.clip_image_features(self.model, x)
 
 
 def main(argv=None):
@@ -121,8 +123,9 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, autocast {dtype}")
     print(f"matmul peak: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s")
     print("| model | size | naive img/s | ours eager img/s | ours compiled img/s | speed-up | compile s (+1 batch) | "
-          "GFLOP/img | share of bf16 peak | decode ms/img |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "ours int8 img/s | int8 / compiled | int8 setup s | GFLOP/img | share of bf16 peak (compiled) | "
+          "decode ms/img |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         model, embed, naive_preprocess, mean, std, channels_last = build(name)
         model.to(device)
@@ -137,7 +140,7 @@ def main(argv=None):
             naive = args.naive_images / (time.perf_counter() - started)
         # Ours: batched decode to uint8, then the shared embed_images (inference_mode, autocast, channels_last,
         # and for the CNN BatchNorm folded into the convolutions, as every export does).
-        wrapped = common.fold_batchnorm(Wrapped(model, embed, mean, std, cnn=channels_last))
+        wrapped = common.fold_batchnorm(Wrapped(model, mean, std, cnn=channels_last))
         if name == "clip" and dtype == torch.bfloat16:
             wrapped.to(torch.bfloat16)  # what app.py does: bf16 weights beat autocast for the ViT (not for the CNN)
         if channels_last:
@@ -154,7 +157,7 @@ def main(argv=None):
         started = time.perf_counter()
         decode_seconds = decode_and_embed(data)
         eager = len(data) / (time.perf_counter() - started)
-        # What a catalog export does (common.maybe_compiled): Inductor with frozen weights, compiled once up front.
+        # What a big catalog job does (common.job_embed): Inductor with frozen weights, compiled once up front.
         with common.CompiledEmbed(wrapped) as compiled:
             started = time.perf_counter()
             decode_and_embed(data[:args.batch_size], compiled)
@@ -162,11 +165,25 @@ def main(argv=None):
             started = time.perf_counter()
             decode_and_embed(data, compiled)
             ours = len(data) / (time.perf_counter() - started)
+        # What a very big catalog job does on a CPU with int8 units (common.job_embed): an int8 graph, calibrated on
+        # the first batch and checked against the model (setup timed apart, as the compile above).
+        int8, int8_setup = None, 0.0
+        if device.type == "cpu":
+            started = time.perf_counter()
+            first = np.stack([common.decode_square(d, size) for d in data[:args.batch_size]])
+            graph = common.int8_embed_graph(wrapped, first, args.batch_size, device, dtype, channels_last)
+            int8_setup = time.perf_counter() - started
+            if graph is not None:
+                started = time.perf_counter()
+                decode_and_embed(data, graph)
+                int8 = len(data) / (time.perf_counter() - started)
+            torch.compiler.reset()
         decode_ms = decode_seconds / len(data) * 1000
         peak = bf16_peak if dtype == torch.bfloat16 else fp32_peak
+        int8_cells = f"{int8:.1f} | {int8 / ours:.2f}x | {int8_setup:.0f}" if int8 else "– | – | –"
         print(f"| {name} | {size} | {naive:.1f} | {eager:.1f} | {ours:.1f} | {ours / naive:.1f}x | "
-              f"{compile_seconds:.0f} | {flops / 1e9:.2f} | {flops * ours / 1e9 / peak:.0%} | {decode_ms:.2f} |",
-              flush=True)
+              f"{compile_seconds:.0f} | {int8_cells} | {flops / 1e9:.2f} | {flops * ours / 1e9 / peak:.0%} | "
+              f"{decode_ms:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """int8 against bf16 for the ViT: static int8 post-training quantisation (common.quantize_int8: PT2E, torchao's
 X86InductorQuantizer, calibration on product photos, Inductor with frozen weights, bf16 autocast around it) against
 the frozen bf16 graph (common.CompiledEmbed), per batch size, interleaved rounds in one process. With --run, also
-the retrieval metrics of a trained clip.py run both ways (test queries against the train gallery), since a speed-up
-that moves the neighbours is not one.
+the retrieval metrics of a trained run (any of the four scripts) both ways (test queries against the train gallery),
+since a speed-up that moves the neighbours is not one.
 
 Usage: python benchmarks/int8_pt2e.py [--model /tmp/clip-b32] [--batch-sizes 1 8 64] [--run runs/from-scratch/clip]
 """
@@ -88,27 +88,32 @@ def speed(args):
 
 
 def retrieval(args):
-    import clip as clip_script
+    """The retrieval metrics of a trained run (any model script), embedded as a very big catalog job embeds on this
+    CPU (common.job_embed: an int8 graph calibrated on the job's first batch of 256) against bf16 autocast."""
+    import importlib
+
     import evaluation
 
-    model, state = common.load_trained(args.run, "clip", clip_script.build_model, torch.device("cpu"))
-    model.eval()
+    cpu = torch.device("cpu")
+    name = torch.load(Path(args.run) / "best.pt", map_location="cpu", weights_only=False)["script"]
+    model, state = common.load_trained(args.run, name, importlib.import_module(name).build_model, cpu)
+    model = common.fold_batchnorm(model.eval())  # as every export does
+    channels_last = name in ("resnet", "siamese")  # as those scripts embed
     data, _ = common.load_processed(args.data)
-    size = state["image_size"]
-
-    def split_pixels(split):
-        images, _ = common.image_cache(data[split], size, args.cache_dir)
-        return common.normalize(torch.from_numpy(np.array(images)), model.mean, model.std, torch.device("cpu"))
-
-    train, test = split_pixels("train"), split_pixels("test")
-    train_labels, test_labels = np.array(data["train"]["label"]), np.array(data["test"]["label"])
-    calibration = list(train[:1024].split(256))  # 1,024 training photos
-    tower = ImageEmbed(model, lambda model, pixels: model.embed(pixels))
-    int8 = common.quantize_int8(tower, calibration, torch.bfloat16)
-    for name, fn in (("bf16 autocast", model.embed), ("int8", int8)):
-        metrics = evaluation.evaluate(run_embed(fn, test, 256), test_labels, run_embed(fn, train, 256), train_labels)
-        print(f"{name}: precision@5 {metrics['precision@5']:.4f}  macro_precision@5 "
-              f"{metrics['macro_precision@5']:.4f}  map@r {metrics['map@r']:.4f}")
+    images = {split: common.image_cache(data[split], state["image_size"], args.cache_dir)[0]
+              for split in ("train", "test")}
+    labels = {split: np.array(data[split]["label"]) for split in ("train", "test")}
+    batch = common.EMBED_BATCH
+    int8 = common.int8_embed_graph(model, images["train"][:batch], batch, cpu, torch.bfloat16, channels_last)
+    if int8 is None:
+        raise SystemExit(f"{name}: no int8 graph (the reason is printed above)")
+    for label, compiled in (("bf16 autocast", None), ("int8", int8)):
+        embeddings = {split: common.embed_images(model, images[split], cpu, torch.bfloat16, batch, progress=False,
+                                                 channels_last=channels_last, compiled=compiled)
+                      for split in ("train", "test")}
+        metrics = evaluation.evaluate(embeddings["test"], labels["test"], embeddings["train"], labels["train"])
+        print(f"{name} {label}: precision@5 {metrics['precision@5']:.4f}  macro_precision@5 "
+              f"{metrics['macro_precision@5']:.4f}  map@r {metrics['map@r']:.4f}", flush=True)
 
 
 def main(argv=None):
@@ -118,14 +123,16 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64],
                         help="the app's two query sizes and the catalog export's")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds per batch size")
-    parser.add_argument("--run", help="a trained clip.py run folder: compare its retrieval metrics too")
+    parser.add_argument("--run", help="a trained run folder: compare its retrieval metrics too")
+    parser.add_argument("--no-speed", dest="speed", action="store_false", help="with --run: the metrics only")
     parser.add_argument("--data", default="data/processed", help="the processed data set the run was trained on")
     parser.add_argument("--cache-dir", default="data/cache", help="decoded-image cache (as the model scripts use)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.run:
         retrieval(args)
-    speed(args)
+    if args.speed:
+        speed(args)
 
 
 if __name__ == "__main__":

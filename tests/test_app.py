@@ -265,12 +265,12 @@ def test_int8_graph_is_refused_when_it_disagrees_with_bf16_or_torchao_is_missing
 
     encoder = app.Encoder(str(trained_runs["clip"] / "hf_model"))
     photos = np.random.default_rng(1).integers(0, 256, (8, 3, encoder.image_size, encoder.image_size), np.uint8)
-    monkeypatch.setattr(app, "INT8_MIN_COSINE", 1.01)  # no int8 graph can agree this well
+    monkeypatch.setattr(app.common, "INT8_MIN_COSINE", 1.01)  # no int8 graph can agree this well
     try:
         assert encoder.quantize_int8_batches(photos) is None
     finally:
         torch.compiler.reset()
-    assert "int8 query graph not used" in capsys.readouterr().out
+    assert "int8 embedding not used" in capsys.readouterr().out
 
     def no_torchao(*args):
         raise ImportError("No module named 'torchao'")

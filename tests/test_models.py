@@ -263,6 +263,37 @@ def test_compiled_embedding_matches_eager_and_compiles_once():
     assert common.worth_compiling(5_000, 224) and not common.worth_compiling(8_121, 64)
 
 
+def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monkeypatch, capsys):
+    """job_embed picks eager, a frozen bf16 graph or an int8 one by job size; the int8 graph covers a ResNet (whose
+    shared ReLU modules fold_batchnorm splits for the quantizer) and stays close to the model; where quantising
+    fails, the bf16 graph does the job. (Refusal by cosine: tests/test_app.py.)"""
+    model = tiny_resnet_classifier()
+    images = np.random.default_rng(2).integers(0, 255, (40, 3, 32, 32), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    eager = common.embed_images(model, images, cpu, None, batch_size=16, progress=False)
+    with common.job_embed(model, [images], cpu, None, 16) as compiled:
+        assert compiled is None  # 40 photos of 32 px: not worth compiling
+    monkeypatch.setattr(common, "COMPILE_FROM_224PX_IMAGES", 0)
+    monkeypatch.setattr(common, "INT8_FROM_224PX_IMAGES", 0)
+    monkeypatch.setattr(common, "cpu_supports_int8", lambda: True)
+    with common.job_embed(model, [images[:30], images[30:]], cpu, None, 16) as compiled:
+        assert not isinstance(compiled, common.CompiledEmbed), "no int8 graph"
+        quantized = np.concatenate([common.embed_images(model, part, cpu, None, 16, progress=False, compiled=compiled)
+                                    for part in (images[:30], images[30:])])
+    cosines = np.sum(quantized * eager, axis=1)
+    assert np.all(cosines > common.INT8_MIN_COSINE) and np.any(cosines < 0.99999), cosines  # int8: close, not equal
+    assert "through an int8 graph" in capsys.readouterr().out
+    with common.job_embed(model, [images], cpu, None, 16, int8=False) as compiled:  # --precision bf16, --no-int8
+        assert isinstance(compiled, common.CompiledEmbed)
+
+    def refused(*args):  # as torchao refused ResNets before fold_batchnorm split their ReLUs
+        raise ValueError("Input partition has more than one output node")
+    monkeypatch.setattr(common, "quantize_int8", refused)
+    with common.job_embed(model, [images], cpu, None, 16) as compiled:
+        assert isinstance(compiled, common.CompiledEmbed)
+    assert "int8 embedding skipped: ValueError" in capsys.readouterr().out
+
+
 def test_compile_failure_falls_back_to_the_eager_model(monkeypatch, capsys):
     def broken(*args, **kwargs):
         def fail(batch):
