@@ -89,7 +89,7 @@ def speed(args):
 
 def retrieval(args):
     """The retrieval metrics of a trained run (any model script), embedded as a very big catalog job embeds on this
-    CPU (common.job_embed: an int8 graph calibrated on the job's first batch of 256) against bf16 autocast."""
+    CPU (common.job_embed: an int8 graph calibrated on the job's first batch, common.EMBED_BATCH photos) against bf16 autocast."""
     import importlib
 
     import evaluation
