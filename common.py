@@ -460,7 +460,7 @@ COMPILE_FROM_224PX_IMAGES = 5_000
 # 1.1-1.6x faster at 64 than at 256 (interleaved in one process, 2 CPU cores) and bf16 ones no slower.
 EMBED_BATCH = 64
 # A bigger job also repays quantising to int8 on a CPU with int8 matrix units: end to end 1.15-1.67x (ResNet-50) and
-# 1.23-1.34x (ViT-B/32) the frozen bf16 graph's photos/s, after 25-77 s of setup (export, calibration, compile, check)
+# 1.23-1.38x (ViT-B/32) the frozen bf16 graph's photos/s, after 25-77 s of setup (export, calibration, compile, check)
 # against its 6-25 s: that pays from ~5k and ~11k 224 px photos (BENCHMARKS.md section 1).
 INT8_FROM_224PX_IMAGES = 20_000
 # The int8 graph is used only if every calibration photo's embedding keeps at least this cosine to the model's own:
