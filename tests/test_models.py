@@ -276,6 +276,8 @@ def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monke
     monkeypatch.setattr(common, "COMPILE_FROM_224PX_IMAGES", 0)
     monkeypatch.setattr(common, "INT8_FROM_224PX_IMAGES", 0)
     monkeypatch.setattr(common, "cpu_supports_int8", lambda: True)
+    assert common.worth_int8(model, 40, 32, cpu) and not common.worth_int8(model, 40, 32, torch.device("cuda"))
+    assert not common.worth_int8(vae.VAEClassifier, 40, 32, cpu)  # its int8 encoder was no faster: it stays bf16
     with common.job_embed(model, [images[:30], images[30:]], cpu, None, 16) as compiled:
         assert not isinstance(compiled, common.CompiledEmbed), "no int8 graph"
         quantized = np.concatenate([common.embed_images(model, part, cpu, None, 16, progress=False, compiled=compiled)
