@@ -920,12 +920,13 @@ def train_and_export(args, name, build_model, loss_fn, make_sampler=None, channe
              "image_size": args.image_size}
     state = fit(model, loss_fn, train_rows, val_rows, sampler, run, args, extra, channels_last)
     train_seconds = time.perf_counter() - started
-    embed_splits(model, {s: dataset[s] for s in SPLITS}, run.dir, args, channels_last)
+    precision = embed_splits(model, {s: dataset[s] for s in SPLITS}, run.dir, args, channels_last)
     if export:
         export(model, run.dir)
     metrics = evaluation.evaluate_run(run.dir)
     metrics.update({"model": name, "best_epoch": state["epoch"] + 1, "train_seconds": round(train_seconds, 1),
-                    "from_scratch": bool(args.from_scratch or args.tiny), "image_size": args.image_size})
+                    "from_scratch": bool(args.from_scratch or args.tiny), "image_size": args.image_size,
+                    "embedding_precision": precision})
     atomic_write_json(run.dir / "metrics.json", metrics)
     print(f"{name}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in evaluation.HEADLINE_KEYS)
           + f" ({metrics['protocol']}, {metrics['num_queries']} queries) -> {run.dir}")
@@ -960,7 +961,9 @@ def fold_batchnorm(model):
     return folded
 
 
-def embed_splits(model, splits: dict, run_dir, args, channels_last=False):
+def embed_splits(model, splits: dict, run_dir, args, channels_last=False) -> str:
+    """Write embeddings/<split>.npy + .parquet for every split; returns the precision they were computed in (int8,
+    bfloat16, float16 or float32), which metrics.json records."""
     model = fold_batchnorm(model)
     prepared = {split: split_rows(split_ds, args)[:2] for split, split_ds in splits.items()}
     image_sets = [rows.images for rows, _ in prepared.values()]
@@ -970,6 +973,8 @@ def embed_splits(model, splits: dict, run_dir, args, channels_last=False):
             embeddings = embed_images(model, rows.images, args.device_obj, args.autocast_dtype, args.eval_batch_size,
                                       f"embed {split}", channels_last, compiled=compiled)
             write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split))
+    int8 = compiled is not None and not isinstance(compiled, CompiledEmbed)  # job_embed yields nothing else
+    return "int8" if int8 else str(args.autocast_dtype or torch.float32).removeprefix("torch.")
 
 
 def load_trained(run_dir, name, build_model, device):
@@ -1006,8 +1011,9 @@ def embed_only(args, name, build_model, channels_last=False):
                                          batched=True, desc="labels")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.output_dir) / "args.json", {**public_args(args), "git_commit": git_commit()})
-    embed_splits(model, splits, args.output_dir, args, channels_last)
-    print(f"embedded {', '.join(f'{s} ({len(d)})' for s, d in splits.items())} -> {args.output_dir}/embeddings")
+    precision = embed_splits(model, splits, args.output_dir, args, channels_last)
+    print(f"embedded {', '.join(f'{s} ({len(d)})' for s, d in splits.items())} in {precision} -> "
+          f"{args.output_dir}/embeddings")
 
 
 # --------------------------------------------------------------------------- classifier heads

@@ -34,6 +34,8 @@ def test_run_folder_is_complete(trained_runs, name):
     for key in ("precision@5", "recall@5", "accuracy@5", "precision@1", "map@r", "macro_precision@5"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["num_queries"] > 0 and metrics["protocol"].startswith("query/gallery")
+    expected = str(common.autocast_dtype(torch.device("cpu")) or torch.float32).removeprefix("torch.")
+    assert metrics["embedding_precision"] == expected  # a tiny job: eager, in the autocast dtype (not int8)
     for split in ("train", "val", "test"):
         embeddings = np.load(run / "embeddings" / f"{split}.npy")
         meta = pd.read_parquet(run / "embeddings" / f"{split}.parquet")
