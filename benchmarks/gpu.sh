@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Figure 1 of BENCHMARKS.md (embedding throughput, naive vs ours) on CUDA with bf16, for the H200 machine that the
-# `device` tool lends to some tasks: one call, well under 8 minutes. Its image has torch, torchvision,
-# transformers, numpy, pillow and tqdm, which is all this figure needs (synthetic JPEGs: ../shared does not travel).
-# Not yet run: the task that wrote it was not lent a machine. Figure 4 (training on CUDA) still needs a script
-# that does not import `datasets` (absent there) or carried wheels.
+# Figures 1 and 4 of BENCHMARKS.md on CUDA with bf16, for the H200 machine that the `device` tool lends to some
+# tasks: one call, well under 8 minutes. Its image has torch, torchvision, transformers, numpy, pillow and tqdm, which
+# is all these need (synthetic JPEGs and batches: ../shared does not travel). Figure 1: embedding throughput, naive
+# vs ours. Figure 4: training steps per second (benchmarks/train_step.py: ResNet-50 and a ViT-B/32 at 224 px, fused
+# vs foreach AdamW), synthetic batches in memory, so without the data loading that common.fit also times.
+# Not yet run: no session that wrote it was lent a machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 benchmarks/embed_throughput.py --device cuda --images 2048 --naive-images 128 --batch-size 256 \
   | tee "${OUT:-/tmp}/embed_cuda.md"
+for arch in resnet50 vit_b_32; do
+  python3 benchmarks/train_step.py --device cuda --arch "$arch" --image-size 224 --batch-size 128 --rounds 2
+done | tee "${OUT:-/tmp}/train_cuda.md"
