@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -154,7 +155,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> str:
+    """/proc/cpuinfo, read once per process ("" where there is none)."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -559,10 +562,12 @@ def int8_embed_graph(model, photos: np.ndarray, batch_size: int, device, dtype, 
     """An int8 graph of ``model.embed`` for batches of ``batch_size`` (quantize_int8 over an fp32 copy of the model,
     calibrated on ``photos``, uint8 [N, 3, S, S] with N a multiple of batch_size), or None where it cannot be had (no
     torchao, an export the quantizer refuses) or where it disagrees with the model on those photos (a cosine under
-    INT8_MIN_COSINE). A model whose weights are not its own fp32 parameters (app.Encoder) provides
-    ``float_embed_module()`` to export."""
+    INT8_MIN_COSINE), or on a device other than the CPU (the quantizer targets x86 CPUs). A model whose weights are
+    not its own fp32 parameters (app.Encoder) provides ``float_embed_module()`` to export."""
     import copy
 
+    if device.type != "cpu":
+        return None
     photos = np.array(photos, order="C")
     pixels = normalize(torch.from_numpy(photos), model.mean, model.std, device, channels_last)
     try:
@@ -604,7 +609,7 @@ def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, ch
         if graph is not None:
             print(f"embedding {total:,} photos through an int8 graph (calibrated on the first {batch_size})")
     try:
-        yield graph or CompiledEmbed(model)
+        yield graph if graph is not None else CompiledEmbed(model)
     finally:
         torch.compiler.reset()
 
