@@ -1,6 +1,6 @@
 """Find the five catalog items that look most like a photo: a Gradio page and a program API over a FAISS index
 of CLIP embeddings. Queries: an uploaded photo, an image URL, a text description (CLIP's text tower), or a click
-on a result. Optional filters (gender, masterCategory, articleType) are applied inside the search.
+on a result. Optional filters (gender, masterCategory, articleType, baseColour) are applied inside the search.
 
 Usage: python app.py [--run runs/clip] [--dataset PATH] [--host 127.0.0.1] [--port 7860]
 """
@@ -30,34 +30,99 @@ import evaluation
 HUB_MODEL = "openai/clip-vit-base-patch32"
 TOP_K = 5
 ANY = "Any"
-FILTER_COLUMNS = ("gender", "masterCategory", "articleType")
+FILTER_COLUMNS = ("gender", "masterCategory", "articleType", "baseColour")
 RESULT_FIELDS = ("id", "productDisplayName", "articleType", "baseColour", "gender")
 MAX_DOWNLOAD_BYTES = 10 * 1024 * 1024
 MAX_REDIRECTS = 3
 CONNECT_TIMEOUT, READ_TIMEOUT, TOTAL_TIMEOUT = 3.0, 5.0, 15.0
+# Requests waiting at once, per route family, beyond which a request is refused ("busy, try again") rather than
+# queued without limit: enough for a burst from many clients, small enough that each waits seconds, not minutes.
+MAX_PENDING = 64
+RETRY_AFTER_SECONDS = 1
+# Gradio's cache of uploads and of files it served: every 10 minutes, files older than an hour are removed.
+CACHE_CLEANING = (600, 3600)
 
 
 class QueryError(ValueError):
     """Bad or refused input: its message is shown on the page and raised to API clients as gr.Error."""
+    status = 400
+
+
+class Busy(QueryError):
+    """Too many requests are waiting: refused at once rather than queued without limit."""
+    status = 503
+
+
+class ModelFailure(QueryError):
+    """The model failed on the batch this request was in (the other batches are unaffected)."""
+    status = 500
 
 
 # --------------------------------------------------------------------------- safe URL fetching
 
+# Ranges that Python 3.11's ipaddress.is_global lets through but that lead into private networks: NAT64 and 6to4 /
+# Teredo / IPv4-compatible addresses embed an IPv4 address a gateway may forward to; site-local is the old private
+# IPv6 range; 100.64.0.0/10 is carrier-grade NAT space, where clouds put metadata services (100.100.100.200).
+REFUSED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96", "fec0::/10", "100.64.0.0/10"))
+
+
 def check_address(address: str, allow_private: bool):
     """Refuse every address that is not public unicast (loopback, private, link-local, multicast, reserved,
-    unspecified, shared, documentation...), IPv4-mapped IPv6 included."""
+    unspecified, shared, documentation, and the tunnelling ranges of REFUSED_NETWORKS), IPv4-mapped IPv6 included."""
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if not allow_private and not ip.is_global or ip.is_multicast or ip.is_unspecified:
+    tunnelled = any(ip.version == net.version and ip in net for net in REFUSED_NETWORKS)
+    if not allow_private and (not ip.is_global or tunnelled) or ip.is_multicast or ip.is_unspecified:
         raise QueryError(f"refused: the URL points to a non-public address ({ip})")
     return str(ip)
 
 
-def resolve_public(host: str, port: int, allow_private: bool) -> str:
-    """Resolve once and check every address; the connection then goes to the checked address (no DNS rebinding)."""
+class Deadline:
+    """One wall-clock limit for a whole fetch: DNS, connect, TLS, headers, every redirect and the body."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Seconds left; QueryError once none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise self.error()
+        return left
+
+    def error(self) -> QueryError:
+        return QueryError(f"refused: fetching the URL took longer than {self.seconds:g} s")
+
+    def watch(self, sock):
+        """Shut ``sock`` down when the deadline passes, which ends any read or handshake blocked on it however
+        slowly its peer drips bytes (a per-read timeout never fires while bytes keep coming)."""
+        timer = threading.Timer(self.left(), _shutdown, (sock,))
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+def _shutdown(sock):
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+def resolve_public(host: str, port: int, allow_private: bool, deadline: Deadline | None = None) -> str:
+    """Resolve once and check every address; the connection then goes to the checked address (no DNS rebinding).
+    The lookup runs in a helper thread so that a slow resolver cannot outlast the deadline."""
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    lookup = pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    pool.shutdown(wait=False)
+    try:
+        infos = lookup.result(timeout=deadline.left() if deadline else None)
+    except FutureTimeout:
+        raise deadline.error() from None
     except (socket.gaierror, UnicodeError) as exc:
         raise QueryError(f"cannot resolve host {host!r} ({exc})") from None
     addresses = [info[4][0] for info in infos]
@@ -67,31 +132,41 @@ def resolve_public(host: str, port: int, allow_private: bool) -> str:
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host, port, address, timeout):
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
+    """Connects to the checked address, within the deadline, with a watchdog on the socket."""
+
+    def __init__(self, host, port, address, deadline: Deadline):
+        super().__init__(host, port, timeout=min(READ_TIMEOUT, deadline.left()))
+        self._address, self._deadline, self.watchdog = address, deadline, None
+
+    def _open(self):
+        sock = socket.create_connection((self._address, self.port), timeout=min(CONNECT_TIMEOUT, self._deadline.left()))
+        self.watchdog = self._deadline.watch(sock)
+        sock.settimeout(min(READ_TIMEOUT, self._deadline.left()))
+        return sock
 
     def connect(self):
-        self.sock = socket.create_connection((self._address, self.port), timeout=CONNECT_TIMEOUT)
-        self.sock.settimeout(self.timeout)
+        self.sock = self._open()
+
+    def close(self):
+        super().close()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host, port, address, timeout):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    default_port = 443
 
     def connect(self):
-        raw = socket.create_connection((self._address, self.port), timeout=CONNECT_TIMEOUT)
-        self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # certificate checked for the name
-        self.sock.settimeout(self.timeout)
+        # the certificate is checked for the host name; the handshake runs under the same watchdog
+        self.sock = ssl.create_default_context().wrap_socket(self._open(), server_hostname=self.host)
 
 
 def fetch_url(url: str, allow_private: bool = False, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
     """GET an image over http(s) with every guard a public server needs: scheme check, public-address check on
-    every hop (at most MAX_REDIRECTS redirects), connect/read/total timeouts, a streamed size cap."""
+    every hop (at most MAX_REDIRECTS redirects), connect and read timeouts, one TOTAL_TIMEOUT deadline over the
+    whole fetch, a streamed size cap."""
     url = (url or "").strip()
-    deadline = time.monotonic() + TOTAL_TIMEOUT
+    deadline = Deadline(TOTAL_TIMEOUT)
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -102,9 +177,9 @@ def fetch_url(url: str, allow_private: bool = False, max_bytes: int = MAX_DOWNLO
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise QueryError("refused: the URL has an invalid port") from None
-        address = resolve_public(parts.hostname, port, allow_private)
+        address = resolve_public(parts.hostname, port, allow_private, deadline)
         connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        connection = connection_class(parts.hostname, port, address, READ_TIMEOUT)
+        connection = connection_class(parts.hostname, port, address, deadline)
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             connection.request("GET", path, headers={"User-Agent": "fashion-search/1.0", "Accept": "image/*"})
@@ -128,12 +203,14 @@ def fetch_url(url: str, allow_private: bool = False, max_bytes: int = MAX_DOWNLO
                 body += chunk
                 if len(body) > max_bytes:
                     raise QueryError(f"refused: the image is larger than {max_bytes // 2**20} MB")
-                if time.monotonic() > deadline:
-                    raise QueryError(f"refused: the download took longer than {TOTAL_TIMEOUT:.0f} s")
+                deadline.left()
+            deadline.left()  # a body the watchdog cut short ends like a whole one: only the clock tells them apart
             return bytes(body)
         except (TimeoutError, socket.timeout):
+            deadline.left()
             raise QueryError("the server did not answer in time") from None
         except (OSError, http.client.HTTPException) as exc:
+            deadline.left()  # the watchdog's shutdown surfaces as a closed connection
             raise QueryError(f"could not fetch the URL ({type(exc).__name__}: {exc})") from None
         finally:
             connection.close()
@@ -150,22 +227,33 @@ class MicroBatcher:
     slightly different times, so their next requests arrive spread over a few milliseconds. A fixed 3 ms window split
     every round of 8 clients into a batch of 1 and a batch of 7 (measured: 21 of each), paying for one whole batch-1
     forward pass per round. So the worker waits, at most ``max_wait`` seconds, until as many requests as the largest
-    batch of the last ``memory`` seconds are there; a lone client (largest recent batch: 1) never waits."""
+    batch of the last ``memory`` seconds are there; a lone client (largest recent batch: 1) never waits.
 
-    def __init__(self, fn, max_batch=16, max_wait=0.03, memory=1.0):
+    At most ``max_pending`` requests wait: one more is refused at once (Busy). No request waits longer than
+    ``timeout`` seconds for its answer, and a batch the model fails on fails only its own requests (ModelFailure)."""
+
+    def __init__(self, fn, max_batch=16, max_wait=0.03, memory=1.0, max_pending=64, timeout=60.0):
         import queue
 
-        self.fn, self.max_batch, self.max_wait, self.memory = fn, max_batch, max_wait, memory
-        self.requests = queue.Queue()
+        self.fn, self.max_batch, self.max_wait, self.memory, self.timeout = fn, max_batch, max_wait, memory, timeout
+        self.requests = queue.Queue(maxsize=max_pending)
         self.recent = collections.deque()  # (finished at, batch size) of the batches of the last `memory` seconds
         threading.Thread(target=self._work, daemon=True, name="embed-batcher").start()
 
     def __call__(self, item):
-        from concurrent.futures import Future
+        import queue
+        from concurrent.futures import Future, TimeoutError as FutureTimeout
 
         future = Future()
-        self.requests.put((item, future))
-        return future.result()
+        try:
+            self.requests.put_nowait((item, future))
+        except queue.Full:
+            raise Busy("busy, try again in a moment") from None
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout:
+            future.cancel()  # the worker skips it if it has not started it yet
+            raise Busy(f"busy: no answer within {self.timeout:g} s, try again") from None
 
     def expected_batch(self, now: float) -> int:
         """How many requests to wait for: the largest batch of the last `memory` seconds (1 when idle)."""
@@ -187,16 +275,21 @@ class MicroBatcher:
                     batch.append(self.requests.get(timeout=timeout))
                 except queue.Empty:
                     break
+            batch = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
                 results = self.fn(np.stack([item for item, _ in batch]))
                 for (_, future), result in zip(batch, results):
                     future.set_result(result)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting request, the worker lives on
+            except Exception as exc:  # noqa: BLE001 - handed to every request of this batch, the worker lives on
+                failure = ModelFailure(f"the model failed on this query ({type(exc).__name__}: {str(exc)[:200]})")
                 for _, future in batch:
-                    future.set_exception(exc)
+                    future.set_exception(failure)
             self.recent.append((time.monotonic(), len(batch)))
 
 
+TEXT_TOWER_FILE = "text_tower.json"  # written by clip.py beside the exported model
 QUERY_BATCH = 8  # the bigger of the two compiled query batch sizes (the other is 1)
 INT8_CALIBRATION_PHOTOS = 64
 
@@ -223,11 +316,23 @@ class QueryGraphs:
         return (self.batch if len(pixels) == QUERY_BATCH else self.single)(pixels)
 
 
+def text_tower_usable(model_path: str) -> tuple[bool, str]:
+    """(usable, why not) for the text tower of a CLIP folder, as clip.py recorded it in text_tower.json; a folder
+    without that file (a pretrained model) is taken as usable."""
+    record = read_json(Path(model_path) / TEXT_TOWER_FILE)
+    if record.get("usable", True):
+        return True, ""
+    return False, record.get("why") or "this model's text tower was not trained (train clip.py with --text-loss-weight > 0)"
+
+
 class Encoder:
     """CLIP image and text towers, with the same preprocessing as training (pad to a white square, resize)."""
 
     def __init__(self, model_path: str, device="cpu", int8=True):
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a local model loads in a moment: no bar in the server's log
 
         self.model = common.load_pretrained(CLIPModel.from_pretrained, model_path, "CLIP model").eval()
         self.tokenizer = common.load_pretrained(CLIPTokenizer.from_pretrained, model_path, "CLIP tokenizer")
@@ -241,6 +346,7 @@ class Encoder:
         # which re-casts every weight on every call (benchmarks/embed_throughput.py).
         self.model.to(self.device, dtype=self.dtype or torch.float32)
         self.dim = self.model.config.projection_dim
+        self.text_search, self.text_search_why = text_tower_usable(model_path)
         self.int8_worthwhile = int8  # False: a very big catalog embeds in bf16 too (common.job_embed)
         self.query_model = None  # QueryGraphs once compile_queries() ran; None = eager
         self.batcher = MicroBatcher(self.embed_queries)
@@ -368,12 +474,14 @@ class Catalog:
         """image_bytes(split, row) -> the encoded photo of a catalog row."""
         self.embeddings, self.meta, self.index = embeddings, meta.reset_index(drop=True), index
         self._image_bytes = image_bytes
-        self.row_of_id = {int(i): r for r, i in enumerate(self.meta["id"])}
-        # String views of the filter columns, made once rather than on every filtered query.
+        self.row_of_id = {id_key(i): r for r, i in enumerate(self.meta["id"])}
+        # String views of the filter columns the catalog has, made once rather than on every filtered query.
         self.filter_values = {c: self.meta[c].astype(str).to_numpy() for c in FILTER_COLUMNS if c in self.meta}
+        self.valid_values = {c: set(values) for c, values in self.filter_values.items()}
         # The result columns as arrays: a query's 5 records cost ~1 ms of pandas cell look-ups (DataFrame.at) and a
-        # few microseconds from these.
-        self.result_values = {field: self.meta[field].to_numpy() for field in RESULT_FIELDS}
+        # few microseconds from these. A column the catalog lacks (a user's own photos) shows as empty.
+        self.result_values = {field: self.meta[field].to_numpy() if field in self.meta else np.full(len(meta), "")
+                              for field in RESULT_FIELDS}
 
     def __len__(self):
         return len(self.meta)
@@ -384,14 +492,26 @@ class Catalog:
     def choices(self, column):
         return [ANY] + sorted(self.meta[column].dropna().astype(str).unique().tolist())
 
+    def check_filters(self, filters: dict) -> dict:
+        """The filters that restrict (value given and not Any); QueryError for a column the catalog lacks or a value
+        it never holds, naming the valid ones, rather than an empty result."""
+        active = {column: str(value) for column, value in filters.items() if value not in (None, "", ANY)}
+        for column, value in active.items():
+            if column not in self.filter_values:
+                offered = ", ".join(self.filter_values) or "none"
+                raise QueryError(f"this catalog cannot be filtered by {column} (filters: {offered})")
+            if value not in self.valid_values[column]:
+                raise QueryError(f"unknown {column} {value!r}; valid values: "
+                                 f"{', '.join(self.choices(column)[1:])}")
+        return active
+
     def search(self, vector: np.ndarray, filters: dict | None = None, k: int = TOP_K) -> list[dict]:
         """Top k rows by cosine similarity, best first. Filters restrict the candidates before ranking, so k
         matching items come back whenever k exist."""
         vector = np.ascontiguousarray(vector, dtype=np.float32)[None]
         mask = np.ones(len(self.meta), dtype=bool)
-        for column, value in (filters or {}).items():
-            if value and value != ANY:
-                mask &= self.filter_values[column] == value
+        for column, value in self.check_filters(filters or {}).items():
+            mask &= self.filter_values[column] == value
         if mask.all():
             scores, rows = self.index.search(vector, min(k, len(self.meta)))
             scores, rows = scores[0], rows[0]
@@ -406,6 +526,14 @@ class Catalog:
 
 def _plain(value):
     return value.item() if hasattr(value, "item") else value
+
+
+def id_key(value) -> str:
+    """The look-up key of an item id: ids may be numbers (the hub dataset) or file names (a folder of photos), and a
+    number may arrive as 10003, 10003.0 or "10003"."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    return str(_plain(value)).strip()
 
 
 def catalog_fingerprint(parts: dict) -> str:
@@ -440,7 +568,7 @@ def load_or_build_index(index_dir: Path, embeddings: np.ndarray, catalog: str):
                 return tune(index)
         print(f"index in {index_dir} is stale (model or catalog changed): rebuilding")
     index = build_index(embeddings)
-    common._atomic(index_path, lambda tmp: faiss.write_index(index, tmp))
+    common.atomic_write(index_path, lambda tmp: faiss.write_index(index, tmp))
     common.atomic_write_json(info_path, {"fingerprint": fingerprint, "catalog": catalog,
                                          "dim": int(index.d), "rows": int(index.ntotal),
                                          "type": type(index).__name__})
@@ -486,9 +614,9 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
 
 
 def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str):
-    """Embed a whole dataset (hub name, hub-layout or processed folder) and index it; cached in index_dir."""
-    data = common.load_raw_dataset(spec)
-    splits = dict(data) if hasattr(data, "keys") else {"all": data}
+    """Embed a whole dataset (hub name, hub-layout or processed folder, or a folder of image files) and index it;
+    cached in index_dir."""
+    splits = common.catalog_splits(spec)
     weights = sorted(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
     parts = {"model": common.file_sha256(weights[0]) if weights else model_id, "image_size": encoder.image_size,
              **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
@@ -526,8 +654,13 @@ class SearchService:
         self.allow_private_urls = allow_private_urls
         self._photos = tempfile.TemporaryDirectory(prefix="fashion-search-photos-")  # removed with the service
 
-    def filters(self, gender=None, master_category=None, article_type=None):
-        return {"gender": gender, "masterCategory": master_category, "articleType": article_type}
+    @property
+    def filter_columns(self) -> list[str]:
+        """The filters this catalog offers, in the order the page and the Gradio API take their values."""
+        return [column for column in FILTER_COLUMNS if column in self.catalog.filter_values]
+
+    def filters(self, *values):
+        return dict(zip(self.filter_columns, values))
 
     def search_image_bytes(self, data: bytes, *filters):
         return self.catalog.search(self.encoder.embed_image(data), self.filters(*filters))
@@ -545,16 +678,18 @@ class SearchService:
         return self.search_image_bytes(fetch_url(url, self.allow_private_urls), *filters)
 
     def search_text(self, text, *filters):
+        if not self.encoder.text_search:
+            raise QueryError(self.encoder.text_search_why)
         return self.catalog.search(self.encoder.embed_text(text), self.filters(*filters))
 
     def search_item(self, item_id, *filters):
-        row = self.catalog.row_of_id.get(int(item_id))
+        row = self.catalog.row_of_id.get(id_key(item_id))
         if row is None:
             raise QueryError(f"no catalog item with id {item_id}")
         return self.catalog.search(self.catalog.embeddings[row], self.filters(*filters))
 
     def gallery(self, results):
-        return [(self.photo_file(self.catalog.row_of_id[r["id"]]),
+        return [(self.photo_file(self.catalog.row_of_id[id_key(r["id"])]),
                  f"score {r['score']:.3f} · {r['articleType']} · {r['baseColour']} · {r['gender']} · "
                  f"{r['productDisplayName']}") for r in results]
 
@@ -595,14 +730,14 @@ def build_page(service: SearchService, notice: str = ""):
         return call
 
     catalog = service.catalog
-    with gr.Blocks(title="Fashion similarity search") as page:
+    with gr.Blocks(title="Fashion similarity search", delete_cache=CACHE_CLEANING) as page:
         gr.Markdown(f"## Fashion similarity search\nModel: **{service.model_name}** — searching "
                     f"**{len(catalog):,}** catalog items. {notice}")
-        with gr.Row():
-            gender = gr.Dropdown(catalog.choices("gender"), value=ANY, label="gender")
-            master = gr.Dropdown(catalog.choices("masterCategory"), value=ANY, label="masterCategory")
-            article = gr.Dropdown(catalog.choices("articleType"), value=ANY, label="articleType")
-        filters = [gender, master, article]
+        with gr.Row():  # only the columns this catalog has
+            # allow_custom_value: an unknown value reaches Catalog.check_filters, which names the valid ones on every
+            # route alike (Gradio's own check would log a traceback per request)
+            filters = [gr.Dropdown(catalog.choices(column), value=ANY, label=column, allow_custom_value=True)
+                       for column in service.filter_columns]
         with gr.Tabs():
             with gr.Tab("Photo"):
                 image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
@@ -612,20 +747,27 @@ def build_page(service: SearchService, notice: str = ""):
                 url = gr.Textbox(label="image URL", placeholder="https://...")
                 url_button = gr.Button("Search by URL", variant="primary")
             with gr.Tab("Text"):
-                text = gr.Textbox(label="description", placeholder="navy blue men's shirt")
-                text_button = gr.Button("Search by text", variant="primary")
+                if service.encoder.text_search:
+                    text = gr.Textbox(label="description", placeholder="navy blue men's shirt")
+                    text_button = gr.Button("Search by text", variant="primary")
+                else:
+                    gr.Markdown(f"Text search is off: {service.encoder.text_search_why}")
         gallery = gr.Gallery(label="top 5, best first (click one to search by it)", columns=5, height="auto",
                              allow_preview=False, elem_id="results-gallery")
         results = gr.JSON(label="results")
-        item_id = gr.Number(visible=False, precision=0)
+        item_id = gr.Textbox(visible=False)  # ids are numbers or, for a folder of photos, file names
 
-        for trigger, fn, source, name in (
-                (image_button.click, service.search_image_file, image, "search_image"),
-                (image.upload, service.search_image_file, image, None),
-                (url_button.click, service.search_url, url, "search_url"),
-                (url.submit, service.search_url, url, None),
-                (text_button.click, service.search_text, text, "search_text"),
-                (text.submit, service.search_text, text, None)):
+        routes = [(image_button.click, service.search_image_file, image, "search_image"),
+                  (image.upload, service.search_image_file, image, None),
+                  (url_button.click, service.search_url, url, "search_url"),
+                  (url.submit, service.search_url, url, None)]
+        if service.encoder.text_search:
+            routes += [(text_button.click, service.search_text, text, "search_text"),
+                       (text.submit, service.search_text, text, None)]
+        else:  # the API answers why, rather than not knowing the route
+            text = gr.Textbox(visible=False)
+            routes.append((text.submit, service.search_text, text, "search_text"))
+        for trigger, fn, source, name in routes:
             trigger(guarded(fn), [source, *filters], results, api_name=name,
                     api_visibility="public" if name else "private")
         # The gallery is drawn on the page's own 'change' of the results, so API calls (which return only the
@@ -640,7 +782,37 @@ def build_page(service: SearchService, notice: str = ""):
 
         gallery.select(clicked, results, item_id, api_visibility="private").success(
             guarded(service.search_item), [item_id, *filters], results, api_name="search_item")
+    for block in page.blocks.values():
+        refuse_urls_as_files(block)
     return page
+
+
+def refuse_urls_as_files(block):
+    """Gradio takes an http(s) URL wherever a file goes and downloads it itself, outside fetch_url's guards (address
+    checks, size cap, content type, deadline). Every component here refuses that, so a file route reads only files
+    the user uploaded; URLs go through the URL route."""
+    import gradio as gr
+    from gradio_client import utils as client_utils
+
+    if not hasattr(block, "async_move_resource_to_block_cache"):
+        return
+
+    def refuse_url(url_or_file_path):
+        if url_or_file_path is not None and client_utils.is_http_url_like(str(url_or_file_path)):
+            raise gr.Error("refused: file inputs take uploaded files only; search by URL through the URL route "
+                           "(/search_url)", print_exception=False)
+
+    move, move_async = block.move_resource_to_block_cache, block.async_move_resource_to_block_cache
+
+    def move_local_only(url_or_file_path):
+        refuse_url(url_or_file_path)
+        return move(url_or_file_path)
+
+    async def move_local_only_async(url_or_file_path):
+        refuse_url(url_or_file_path)
+        return await move_async(url_or_file_path)
+    block.move_resource_to_block_cache = move_local_only
+    block.async_move_resource_to_block_cache = move_local_only_async
 
 
 # --------------------------------------------------------------------------- start-up
@@ -711,16 +883,31 @@ def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
 
         POST /api/search_image?gender=..&masterCategory=..&articleType=..   body: the image file's bytes
         GET  /api/search_text?q=navy+shirt&gender=..                        (also /api/search_url?url=..)
-    Answer: {"results": [records, best first]}, or {"error": message} with status 400 (413 for too large)."""
+    Answer: {"results": [records, best first]}, or {"error": message} with status 400 (413 for too large, 503 with
+    Retry-After when MAX_PENDING requests are already waiting, 500 when the model failed)."""
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
+    pending = [0]  # requests in progress on these routes (one event loop: no lock needed)
+
+    def error(exc: QueryError):
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 503 else None
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+
     async def answer(search, query, *first):
-        filters = [query.get(column) for column in FILTER_COLUMNS]
+        filters = [query.get(column) for column in service.filter_columns]
+        unknown = sorted(set(query) - {"q", "url", *service.filter_columns})
+        if unknown:
+            return error(QueryError(f"unknown parameter {unknown[0]!r} (filters: {', '.join(service.filter_columns)})"))
+        if pending[0] >= MAX_PENDING:
+            return error(Busy("busy, try again in a moment"))
+        pending[0] += 1
         try:  # the search runs in a worker thread: concurrent requests meet in the MicroBatcher
             return JSONResponse({"results": await run_in_threadpool(search, *first, *filters)})
         except QueryError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return error(exc)
+        finally:
+            pending[0] -= 1
 
     too_large = {"error": f"the image is over {max_upload_bytes // 2**20} MB"}
 
@@ -752,7 +939,7 @@ def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=
           block=True, **launch_kwargs):
     """The page, its Gradio API and the plain JSON API on one server (main() and the tests start it the same way)."""
     page = build_page(service, notice)
-    page.queue(default_concurrency_limit=16)  # concurrent requests meet in the MicroBatcher
+    page.queue(default_concurrency_limit=16, max_size=MAX_PENDING)  # concurrent requests meet in the MicroBatcher
     page.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
                 footer_links=["api"], show_error=False, prevent_thread_lock=True, **launch_kwargs)
     add_json_api(page.app, service, max_upload_mb * 2**20)

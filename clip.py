@@ -74,9 +74,20 @@ def load_tokenizer(args):
     return common.load_pretrained(CLIPTokenizer.from_pretrained, args.model or HUB_MODEL, "CLIP tokenizer")
 
 
-def export(model, tokenizer, image_size, folder):
-    """A standard save_pretrained folder (model, tokenizer, image processor) that the app loads. Inputs are padded
-    to a white square before the processor's resize, as in training."""
+def text_tower_record(args) -> dict:
+    """Whether the exported text tower can answer text queries: it can when it was pretrained or trained with the
+    image-text term; a from-scratch text tower trained without it is random."""
+    if args.text_loss_weight > 0 or not (args.from_scratch or args.tiny):
+        return {"usable": True, "why": ""}
+    return {"usable": False, "why": "this model's text tower was trained from scratch without the image-text term "
+                                    "(--text-loss-weight 0), so it cannot match text to photos; retrain clip.py with "
+                                    "--text-loss-weight > 0 to search by text"}
+
+
+def export(model, tokenizer, image_size, folder, text_tower: dict):
+    """A standard save_pretrained folder (model, tokenizer, image processor) that the app loads, with text_tower.json
+    saying whether text search works. Inputs are padded to a white square before the processor's resize, as in
+    training."""
     from transformers import CLIPImageProcessor
     from transformers.utils import logging
 
@@ -86,6 +97,7 @@ def export(model, tokenizer, image_size, folder):
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
                        image_mean=list(model.mean), image_std=list(model.std)).save_pretrained(folder)
+    common.atomic_write_json(folder / "text_tower.json", text_tower)
 
 
 def train_name_tokens(args, tokenizer):
@@ -118,7 +130,8 @@ def main(argv=None):
         return loss
 
     return common.train_and_export(args, "clip", build_model, loss_fn,
-                                   export=lambda model, run_dir: export(model, tokenizer, args.image_size, run_dir / "hf_model"))
+                                   export=lambda model, run_dir: export(model, tokenizer, args.image_size,
+                                                                       run_dir / "hf_model", text_tower_record(args)))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import io
 import json
 import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,6 @@ from torch import nn
 from PIL import Image, ImageFile, ImageOps
 from tqdm.auto import tqdm
 
-REPO_DIR = Path(__file__).resolve().parent
 HUB_DATASET = "ashraq/fashion-product-images-small"
 SPLITS = ("train", "val", "test")
 # Metadata kept row-aligned with every embeddings/<split>.npy.
@@ -49,80 +46,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never h
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
-class UserError(Exception):
-    """A problem the user can fix (missing file, offline, bad input): reported in one line, exit code 2."""
-
-
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def cli(main_fn):
-    """Run ``main_fn`` as a command: UserError becomes one 'error:' line and exit code 2, no traceback."""
-    try:
-        main_fn()
-    except UserError as exc:
-        fail(str(exc))
-
-
-# --------------------------------------------------------------------------- atomic files
-
-def _atomic(path, write, suffix=""):
-    """Write through ``write(tmp_path)`` to a temp file in the same folder, then rename over ``path``:
-    a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str):
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def atomic_torch_save(path, obj):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_save_npy(path, array):
-    _atomic(path, lambda tmp: np.save(tmp, array), suffix=".npy")
-
-
-def atomic_write_parquet(path, frame):
-    _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
-
-
-def file_sha256(path, chunk=1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
+from fashion_search import checkpoint  # noqa: E402
+from fashion_search.errors import UserError, cli, fail  # noqa: E402,F401
+from fashion_search.files import (atomic_save_npy, atomic_torch_save, atomic_write, atomic_write_json,  # noqa: E402,F401
+                                  atomic_write_parquet, atomic_write_text, file_sha256, git_commit)
 
 # --------------------------------------------------------------------------- seeding, device, precision
 
@@ -278,7 +205,12 @@ def load_raw_dataset(spec: str):
     if Path(spec).is_dir():
         if is_saved_dataset(spec):
             return datasets.load_from_disk(spec)
-        return datasets.load_dataset(spec, split="train")
+        try:
+            return datasets.load_dataset(spec, split="train")
+        except ValueError as exc:  # datasets' words for a folder whose files hold no rows
+            if "corresponds to no data" in str(exc):
+                raise UserError(f"dataset {spec!r} has no rows: nothing to embed") from None
+            raise UserError(f"cannot read dataset {spec!r} ({str(exc)[:200]})") from None
     if Path(spec).exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
         raise UserError(f"dataset {spec!r} is neither a folder nor a hub name (owner/name)")
     try:
@@ -286,6 +218,35 @@ def load_raw_dataset(spec: str):
     except (ConnectionError, OSError) as exc:
         raise UserError(f"cannot load dataset {spec!r} from the Hugging Face hub ({type(exc).__name__}); "
                         f"offline, pass a local copy with --dataset PATH (a hub-layout or save_to_disk folder)") from None
+
+
+def catalog_splits(spec: str) -> dict:
+    """A dataset to embed as a catalog (a hub name, a hub-layout or processed folder, or a folder of image files) as
+    {split name: dataset}; one without splits is one split named 'all'. It must have an ``image`` column and rows;
+    an ``id`` column is made from the file names where there is none (or from row numbers)."""
+    from datasets import Image as ImageFeature
+
+    data = load_raw_dataset(spec)
+    splits = dict(data) if hasattr(data, "keys") else {"all": data}
+    for name, split in splits.items():
+        if "image" not in split.column_names:
+            raise UserError(f"dataset {spec!r} has no 'image' column (columns: {', '.join(split.column_names)}): "
+                            f"a catalog needs its photos")
+        if "id" not in split.column_names:
+            cells = split.cast_column("image", ImageFeature(decode=False))["image"]
+            stems = [Path(cell["path"]).stem if cell.get("path") else "" for cell in cells]
+            if not all(stems) or len(set(stems)) < len(stems):  # no file names, or the same name twice
+                stems = [f"{name}-{row}" for row in range(len(split))]
+            ids = [int(stem) for stem in stems] if all(stem.isdigit() for stem in stems) else stems
+            splits[name] = split.add_column("id", ids)
+    if not sum(len(split) for split in splits.values()):
+        raise UserError(f"dataset {spec!r} has no rows: nothing to embed")
+    return splits
+
+
+def dataset_name(spec: str) -> str:
+    """A short name for a dataset given as a hub name or a folder: its last path part."""
+    return Path(str(spec).rstrip("/")).name or "dataset"
 
 
 def load_processed(data_dir):
@@ -655,7 +616,7 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
     add("--data", default="data/processed", help="processed dataset from data_preparation.py (with --embed-only: "
         "also a hub-layout folder or a hub name)")
     add("--output-dir", default=None, help="run folder for args, checkpoints, log, metrics and embeddings "
-        "(default runs/<model>)")
+        "(default runs/<model>; with --embed-only, <checkpoint>-embed-<dataset name> beside the trained run)")
     add("--model", default=None, help="local pretrained weights (a save_pretrained folder or a state_dict file) "
         "instead of the hub download")
     add("--from-scratch", action="store_true", help="same architecture family with random weights (no download)")
@@ -685,12 +646,17 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
 
 
 def validate_args(args, name: str):
-    if args.output_dir is None:
-        args.output_dir = f"runs/{name}"
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
     if args.embed_only and not args.checkpoint:
         raise UserError("--embed-only needs --checkpoint RUN_DIR (a trained run folder)")
+    if args.embed_only and args.output_dir is None:  # beside the trained run, never inside it
+        args.output_dir = f"{str(args.checkpoint).rstrip('/')}-embed-{dataset_name(args.data)}"
+    if args.output_dir is None:
+        args.output_dir = f"runs/{name}"
+    if args.embed_only and args.checkpoint and Path(args.output_dir).resolve() == Path(args.checkpoint).resolve():
+        raise UserError(f"--output-dir {args.output_dir} is the trained run itself: --embed-only writes elsewhere "
+                        f"(leave --output-dir out to write beside it)")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
     if args.model and not Path(args.model).exists():
         raise UserError(f"--model {args.model}: no such file or folder")
     return args
@@ -796,7 +762,7 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, step, best_score, best_epoch = 0, 0, -1.0, -1
     if args.resume and run.last.exists():
-        state = torch.load(run.last, map_location=device, weights_only=False)
+        state = checkpoint.load(run.last, map_location=device)
         if state["fingerprint"] != training_fingerprint(args):
             raise UserError(f"--resume: {run.last} was written with other arguments "
                             f"({state['fingerprint']}); rerun with those, or without --resume")
@@ -849,14 +815,14 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
         improved = score > best_score
         if improved:
             best_score, best_epoch = score, epoch
-            atomic_torch_save(run.best, {"model": model.state_dict(), "epoch": epoch, "val_precision@5": score,
+            checkpoint.save(run.best, {"model": model.state_dict(), "epoch": epoch, "val_precision@5": score,
                                          **save_extra})
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1, seen),
                   "val_precision@5": score, "lr": scheduler.get_last_lr()[0], "seconds": round(train_seconds, 2),
                   "images_per_second": round(seen / max(train_seconds, 1e-9), 1),
                   "data_wait_share": round(data_wait / max(train_seconds, 1e-9), 4)}
         run.log(record)
-        atomic_torch_save(run.last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        checkpoint.save(run.last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                      "epoch": epoch, "step": step, "best_score": best_score,
                                      "best_epoch": best_epoch, "fingerprint": training_fingerprint(args),
@@ -871,7 +837,7 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
             break
     if not run.best.exists():
         raise UserError(f"no epoch finished in {run.dir}; nothing to export")
-    state = torch.load(run.best, map_location=device, weights_only=False)
+    state = checkpoint.load(run.best, map_location=device)
     model.load_state_dict(state["model"])
     return state
 
@@ -987,7 +953,7 @@ def load_trained(run_dir, name, build_model, device):
     path = Path(run_dir) / "best.pt"
     if not path.exists():
         raise UserError(f"--checkpoint {run_dir}: no best.pt there (is it a finished training run?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.load(path)
     if state.get("script") != name:
         raise UserError(f"--checkpoint {run_dir} was trained by {state.get('script')}.py, not {name}.py")
     saved_args = argparse.Namespace(**state["args"])
@@ -1006,8 +972,7 @@ def embed_only(args, name, build_model, channels_last=False):
     args.image_size = state["image_size"]  # the size the model was trained at
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    data = load_raw_dataset(args.data)
-    splits = dict(data) if hasattr(data, "keys") else {"all": data}
+    splits = catalog_splits(args.data)
     label_ids = {label: i for i, label in enumerate(state["label_names"])}
     label_column = state.get("label_column", "articleType")
     for split, split_ds in list(splits.items()):
@@ -1016,6 +981,7 @@ def embed_only(args, name, build_model, channels_last=False):
                                          batched=True, desc="labels")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.output_dir) / "args.json", {**public_args(args), "git_commit": git_commit()})
+    print(f"--embed-only: writing to {args.output_dir}")
     precision = embed_splits(model, splits, args.output_dir, args, channels_last)
     print(f"embedded {', '.join(f'{s} ({len(d)})' for s, d in splits.items())} in {precision} -> "
           f"{args.output_dir}/embeddings")

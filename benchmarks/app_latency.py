@@ -36,7 +36,7 @@ def gradio_caller(url):
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
-    return lambda path: client.predict(handle_file(path), "Any", "Any", "Any", api_name="/search_image")
+    return lambda path: client.predict(handle_file(path), "Any", "Any", "Any", "Any", api_name="/search_image")
 
 
 def json_caller(url):

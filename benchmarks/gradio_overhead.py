@@ -29,10 +29,10 @@ def main(url):
 
     paths = photos(40, tempfile.mkdtemp())
     client = Client(url, verbose=False)
-    item = client.predict("shirt", "Any", "Any", "Any", api_name="/search_text")[0]["id"]
-    p50("search_item (no model)", lambda i: client.predict(item, "Any", "Any", "Any", api_name="/search_item"))
-    p50("search_text", lambda i: client.predict("blue shirt", "Any", "Any", "Any", api_name="/search_text"))
-    p50("search_image", lambda i: client.predict(handle_file(paths[i % 40]), "Any", "Any", "Any",
+    item = client.predict("shirt", "Any", "Any", "Any", "Any", api_name="/search_text")[0]["id"]
+    p50("search_item (no model)", lambda i: client.predict(item, "Any", "Any", "Any", "Any", api_name="/search_item"))
+    p50("search_text", lambda i: client.predict("blue shirt", "Any", "Any", "Any", "Any", api_name="/search_text"))
+    p50("search_image", lambda i: client.predict(handle_file(paths[i % 40]), "Any", "Any", "Any", "Any",
                                                  api_name="/search_image"))
     p50("httpx.Client() creation", lambda i: httpx.Client().close())
     p50("httpx.post upload only", lambda i: httpx.post(url + "gradio_api/upload",

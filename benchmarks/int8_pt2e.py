@@ -95,7 +95,7 @@ def retrieval(args):
     import evaluation
 
     cpu = torch.device("cpu")
-    name = torch.load(Path(args.run) / "best.pt", map_location="cpu", weights_only=False)["script"]
+    name = common.checkpoint.load(Path(args.run) / "best.pt")["script"]
     model, state = common.load_trained(args.run, name, importlib.import_module(name).build_model, cpu)
     model = common.fold_batchnorm(model.eval())  # as every export does
     channels_last = name in ("resnet", "siamese")  # as those scripts embed

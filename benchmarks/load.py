@@ -1,9 +1,12 @@
-"""A bounded load run against the app on 127.0.0.1: N concurrent gradio_client clients send a fixed number of
-requests mixing good uploads, text queries, filtered queries and bad inputs (a text file named .jpg, an empty
-file, refused URLs). Counts server errors (anything but the app's own messages for bad input), checks that every
-bad request got its message, and reports the app's resident memory after warm-up and at the end.
+"""A bounded load run against the app on 127.0.0.1: N concurrent clients send a fixed number of requests, half
+through gradio_client and half through the JSON routes, 30 % of them bad (a text file named .jpg, an empty file,
+refused URLs, an unknown filter value, an empty description, a URL in place of an uploaded file). Counts server
+errors (anything but the app's own message for a bad request, or a wrong answer to a good one), checks that every
+bad request got its message, and reports the app's resident memory after each quarter and the size of its temp
+folder at the start and the end. Every URL it sends is refused by the app's address checks before any connection.
 
-Usage: python app.py ... --port 7861 &   then   python benchmarks/load.py --url http://127.0.0.1:7861/ --pid PID
+Usage: TMPDIR=T GRADIO_TEMP_DIR=T/gradio python app.py ... --port 7861 &
+       python benchmarks/load.py --url http://127.0.0.1:7861/ --pid PID --temp-dir T
 """
 import argparse
 import random
@@ -16,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app_latency import photos  # noqa: E402
 
-BAD_MESSAGES = ("not a readable image", "refused", "upload a photo", "type a description")
+ANY = ("Any", "Any", "Any", "Any")  # gender, masterCategory, articleType, baseColour
+BAD_MESSAGES = ("not a readable image", "refused", "upload a photo", "type a description", "unknown baseColour",
+                "send the image file")
 
 
 def rss_mb(pid):
@@ -26,76 +31,117 @@ def rss_mb(pid):
     return float("nan")
 
 
+def folder_mb(folder):
+    """Size of the app's temp files (uploads, Gradio's cache, result photos), without Inductor's compile cache."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*")
+               if p.is_file() and "torchinductor" not in str(p.relative_to(folder))) / 2**20
+
+
+def gradio_request(client, kind, good, folder, rng):
+    from gradio_client import handle_file
+
+    call = client.predict
+    if kind == "photo":
+        return call(handle_file(rng.choice(good)), *ANY, api_name="/search_image")
+    if kind == "text":
+        return call("blue denim jeans", *ANY, api_name="/search_text")
+    if kind == "filtered":
+        return call(handle_file(rng.choice(good)), "Women", "Any", "Any", "Any", api_name="/search_image")
+    if kind == "bad-file":
+        return call(handle_file(str(Path(folder) / "text.jpg")), *ANY, api_name="/search_image")
+    if kind == "empty-file":
+        return call(handle_file(str(Path(folder) / "empty.jpg")), *ANY, api_name="/search_image")
+    if kind == "bad-url":
+        return call("http://169.254.169.254/latest/meta-data", *ANY, api_name="/search_url")
+    if kind == "url-as-file":
+        return call(handle_file("http://127.0.0.1:9/x.jpg"), *ANY, api_name="/search_image")
+    if kind == "bad-filter":
+        return call("blue denim jeans", "Any", "Any", "Any", "Ultraviolet", api_name="/search_text")
+    return call("   ", *ANY, api_name="/search_text")
+
+
+def json_request(http, kind, good, folder, rng):
+    if kind in ("photo", "filtered"):
+        params = {"gender": "Women"} if kind == "filtered" else {}
+        response = http.post("/api/search_image", params=params, content=Path(rng.choice(good)).read_bytes())
+    elif kind == "text":
+        response = http.get("/api/search_text", params={"q": "blue denim jeans"})
+    elif kind in ("bad-file", "empty-file", "url-as-file"):
+        response = http.post("/api/search_image", content=b"not an image" if kind == "bad-file" else b"")
+    elif kind == "bad-url":
+        response = http.get("/api/search_url", params={"url": "http://169.254.169.254/latest/meta-data"})
+    elif kind == "bad-filter":
+        response = http.get("/api/search_text", params={"q": "blue denim jeans", "baseColour": "Ultraviolet"})
+    else:
+        response = http.get("/api/search_text", params={"q": "   "})
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.json().get('error')}")
+    return response.json()["results"]
+
+
 def main(argv=None):
-    from gradio_client import Client, handle_file
+    import httpx
+    from gradio_client import Client
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:7861/")
     parser.add_argument("--pid", type=int, required=True, help="the app's process id (for its memory)")
+    parser.add_argument("--temp-dir", required=True, help="the app's TMPDIR (its uploads, served files and photos)")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--bad-share", type=float, default=0.3)
     args = parser.parse_args(argv)
     folder = tempfile.mkdtemp()
     good = photos(32, folder)
     (Path(folder) / "text.jpg").write_text("not an image")
     (Path(folder) / "empty.jpg").write_bytes(b"")
-    kinds = ["good"] * 4 + ["text", "filtered", "bad-file", "empty-file", "bad-url", "ftp-url"]
+    good_kinds = ["photo", "photo", "text", "filtered"]
+    bad_kinds = ["bad-file", "empty-file", "bad-url", "url-as-file", "bad-filter", "empty-text"]
     counts = {"ok": 0, "bad answered": 0, "server errors": 0}
-    failures, lock = [], threading.Lock()
+    failures, lock, done = [], threading.Lock(), [0]
+    quarters, per_client = [], args.requests // args.clients
+    temp_start = folder_mb(args.temp_dir)
 
-    def one(client, kind, rng):
-        filters = ("Any", "Any", "Any")
-        if kind == "good":
-            return client.predict(handle_file(rng.choice(good)), *filters, api_name="/search_image"), False
-        if kind == "text":
-            return client.predict("blue denim jeans", *filters, api_name="/search_text"), False
-        if kind == "filtered":
-            return client.predict(handle_file(rng.choice(good)), "Women", "Any", "Any", api_name="/search_image"), False
-        if kind == "bad-file":
-            return client.predict(handle_file(str(Path(folder) / "text.jpg")), *filters, api_name="/search_image"), True
-        if kind == "empty-file":
-            return client.predict(handle_file(str(Path(folder) / "empty.jpg")), *filters, api_name="/search_image"), True
-        if kind == "bad-url":
-            return client.predict("http://169.254.169.254/latest/meta-data", *filters, api_name="/search_url"), True
-        return client.predict("ftp://example.com/a.jpg", *filters, api_name="/search_url"), True
-
-    def worker(seed, count):
+    def worker(seed):
         rng = random.Random(seed)
-        client = Client(args.url, verbose=False)
-        for _ in range(count):
-            kind = rng.choice(kinds)
-            expect_error = kind not in ("good", "text", "filtered")
+        client, http = Client(args.url, verbose=False), httpx.Client(base_url=args.url, timeout=120)
+        for _ in range(per_client):
+            bad = rng.random() < args.bad_share
+            kind = rng.choice(bad_kinds if bad else good_kinds)
+            route = rng.choice(("gradio", "json"))
             try:
-                result, _ = one(client, kind, rng)
-                outcome = "ok" if (not expect_error and len(result) == 5) else "server errors"
+                if route == "gradio":
+                    result = gradio_request(client, kind, good, folder, rng)
+                else:
+                    result = json_request(http, kind, good, folder, rng)
+                outcome = "ok" if (not bad and len(result) == 5) else "server errors"
                 if outcome != "ok":
-                    failures.append((kind, f"unexpected result {result!r:.100}"))
+                    failures.append((route, kind, f"unexpected result {result!r:.100}"))
             except Exception as exc:  # noqa: BLE001 - classified below
                 message = str(exc)
-                outcome = "bad answered" if expect_error and any(m in message for m in BAD_MESSAGES) else "server errors"
-                if outcome == "server errors":
-                    failures.append((kind, message[:200]))
+                answered = bad and any(m in message for m in BAD_MESSAGES)
+                outcome = "bad answered" if answered else "server errors"
+                if not answered:
+                    failures.append((route, kind, message[:200]))
             with lock:
                 counts[outcome] += 1
+                done[0] += 1
+                if done[0] % (per_client * args.clients // 4) == 0:
+                    quarters.append(rss_mb(args.pid))
 
-    warm = Client(args.url, verbose=False)
-    for path in good[:8]:
-        warm.predict(handle_file(path), "Any", "Any", "Any", api_name="/search_image")
-    memory_after_warmup = rss_mb(args.pid)
     started = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(seed, args.requests // args.clients))
-               for seed in range(args.clients)]
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(args.clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
-    memory_end = rss_mb(args.pid)
-    print(f"{sum(counts.values())} requests from {args.clients} clients in {elapsed:.1f} s: {counts}")
-    print(f"app resident memory: {memory_after_warmup:.0f} MB after warm-up, {memory_end:.0f} MB at the end "
-          f"({(memory_end / memory_after_warmup - 1):+.1%})")
-    for kind, message in failures[:10]:
-        print(f"  server error on {kind}: {message}")
+    print(f"{sum(counts.values())} requests ({args.bad_share:.0%} bad) from {args.clients} clients over both routes "
+          f"in {elapsed:.1f} s: {counts}")
+    print("app resident memory after each quarter: " + ", ".join(f"{mb:.0f} MB" for mb in quarters))
+    print(f"temp folder: {temp_start:.1f} MB at the start, {folder_mb(args.temp_dir):.1f} MB at the end")
+    for route, kind, message in failures[:10]:
+        print(f"  server error on {route} {kind}: {message}")
     return 1 if counts["server errors"] else 0
 
 

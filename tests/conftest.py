@@ -1,6 +1,7 @@
 """Shared fixtures: a small hub-layout dataset of real JPEG bytes that the tests generate, the processed splits,
 and tiny trained runs. No test touches the network: the hub is switched to offline mode before any import."""
 import io
+import ipaddress
 import os
 import socket
 import sys
@@ -136,6 +137,49 @@ def service(trained_runs, cache_dir):
     service, notice = app.load_service(args)
     assert notice == ""
     return service
+
+
+def _loopback(host) -> bool:
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """No test sends a packet beyond loopback, even when the code under test is wrong: a connection to another
+    address, or a name look-up other than localhost, is recorded and refused, and the test fails."""
+    attempts = []
+    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def guard(address):
+        if isinstance(address, tuple) and not _loopback(address[0]):
+            attempts.append(address)
+            raise OSError(f"test guard: connection to {address[0]} refused (loopback only)")
+
+    def connect(sock, address):
+        guard(address)
+        return real_connect(sock, address)
+
+    def connect_ex(sock, address):
+        guard(address)
+        return real_connect_ex(sock, address)
+
+    def getaddrinfo(host, port=None, *args, **kwargs):
+        if host is not None and host != "localhost":
+            try:  # a numeric address in any form the resolver takes (2130706433 is 127.0.0.1) needs no look-up
+                real_getaddrinfo(host, port, flags=socket.AI_NUMERICHOST)
+            except socket.gaierror:
+                attempts.append((host, "lookup"))
+                raise socket.gaierror(socket.EAI_NONAME, f"test guard: no look-up of {host!r} (loopback only)") from None
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield attempts
+    assert not attempts, f"the test tried to reach beyond loopback: {attempts}"
 
 
 def free_port():

@@ -124,9 +124,9 @@ def test_redirects_are_followed_up_to_the_limit(server):
 def test_public_name_redirecting_to_a_private_address_is_refused(server, monkeypatch):
     real = app.resolve_public
 
-    def resolve(host, port, allow_private):
+    def resolve(host, port, allow_private, deadline=None):
         # 'public.test' plays a public server (it is our local one); every other host is checked for real.
-        return "127.0.0.1" if host == "public.test" else real(host, port, allow_private)
+        return "127.0.0.1" if host == "public.test" else real(host, port, allow_private, deadline)
 
     monkeypatch.setattr(app, "resolve_public", resolve)
     port = server.rsplit(":", 1)[1]
@@ -213,18 +213,38 @@ def test_micro_batcher_waits_for_as_many_requests_as_its_last_batch_and_no_more(
     assert time.perf_counter() - started < 0.5
 
 
-def test_micro_batcher_hands_an_error_to_every_request_and_lives_on():
-    calls = []
+def test_micro_batcher_hands_an_error_to_every_request_of_the_batch_and_lives_on():
+    calls, gate = [], threading.Event()
 
-    def fail_once(batch):
+    def fail_first_batch(batch):
         calls.append(len(batch))
         if len(calls) == 1:
-            raise RuntimeError("model failed")
+            gate.wait(5)  # the others queue up meanwhile and form the second batch
+            raise RuntimeError("out of memory")
         return batch
 
-    batcher = app.MicroBatcher(fail_once)
-    with pytest.raises(RuntimeError, match="model failed"):
-        batcher(np.zeros(1))
+    batcher = app.MicroBatcher(fail_first_batch, max_wait=0.5)
+    outcomes = {}
+
+    def ask(i):
+        try:
+            outcomes[i] = batcher(np.array([i]))[0]
+        except app.QueryError as exc:
+            outcomes[i] = exc
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    while not calls:
+        time.sleep(0.005)
+    others = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    while batcher.requests.qsize() < 3:
+        time.sleep(0.005)
+    gate.set()
+    for thread in [first, *others]:
+        thread.join()
+    assert isinstance(outcomes[0], app.ModelFailure) and "RuntimeError: out of memory" in str(outcomes[0])
+    assert [outcomes[i] for i in (1, 2, 3)] == [1, 2, 3]  # the next batch was answered
     assert batcher(np.ones(1))[0] == 1
 
 
@@ -295,7 +315,7 @@ def test_the_item_itself_comes_first(service):
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
     assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score"}
-    item = service.catalog.meta.iloc[service.catalog.row_of_id[item_id]]  # the record is that item's metadata
+    item = service.catalog.meta.iloc[service.catalog.row_of_id[app.id_key(item_id)]]  # the record is that item's metadata
     assert all(results[0][field] == item[field] for field in app.RESULT_FIELDS)
     assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
 
@@ -376,21 +396,21 @@ def test_api_with_gradio_client(served, service, server, tmp_path):
     client = Client(served, verbose=False)
     item_id, data = catalog_photo(service, 5)
     (tmp_path / "query.jpg").write_bytes(data)
-    results = client.predict(handle_file(str(tmp_path / "query.jpg")), "Any", "Any", "Any", api_name="/search_image")
+    results = client.predict(handle_file(str(tmp_path / "query.jpg")), "Any", "Any", "Any", "Any", api_name="/search_image")
     assert len(results) == 5 and results[0]["id"] == item_id
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     text = client.predict("Blue Shirts", "Men", "Any", "Any", api_name="/search_text")
     assert len(text) == 5 and all(r["gender"] == "Men" for r in text)
-    by_item = client.predict(results[2]["id"], "Any", "Any", "Any", api_name="/search_item")  # a click on a result
+    by_item = client.predict(results[2]["id"], "Any", "Any", "Any", "Any", api_name="/search_item")  # a click on a result
     assert by_item[0]["id"] == results[2]["id"] and len(by_item) == 5
-    by_url = client.predict(f"{server}/img.jpg", "Any", "Any", "Any", api_name="/search_url")
+    by_url = client.predict(f"{server}/img.jpg", "Any", "Any", "Any", "Any", api_name="/search_url")
     assert len(by_url) == 5
     with pytest.raises(Exception, match="only http and https"):
-        client.predict("file:///etc/passwd", "Any", "Any", "Any", api_name="/search_url")
+        client.predict("file:///etc/passwd", "Any", "Any", "Any", "Any", api_name="/search_url")
     (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
     with pytest.raises(Exception, match="not a readable image"):
-        client.predict(handle_file(str(tmp_path / "bad.jpg")), "Any", "Any", "Any", api_name="/search_image")
-    assert client.predict("Red Watches", "Any", "Any", "Any", api_name="/search_text")  # still serving
+        client.predict(handle_file(str(tmp_path / "bad.jpg")), "Any", "Any", "Any", "Any", api_name="/search_image")
+    assert client.predict("Red Watches", "Any", "Any", "Any", "Any", api_name="/search_text")  # still serving
 
 
 def test_plain_json_api(served, service, server):
@@ -430,7 +450,10 @@ def test_page_in_headless_chromium(served, service, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1200"):
+    # no background traffic, and no name resolves but the loopback page's: the browser sends packets to loopback only
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1200", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
     try:

@@ -98,7 +98,7 @@ def test_checkpoint_of_another_label_map_is_refused(trained_runs, processed, tmp
 
     run = tmp_path / "run"
     shutil.copytree(trained_runs["resnet"], run)
-    state = torch.load(run / "best.pt", weights_only=False)
+    state = torch.load(run / "best.pt", weights_only=True)
     state["label_names"] = state["label_names"] + ["Extra class"]
     torch.save(state, run / "best.pt")
     with pytest.raises(common.UserError, match="does not match"):

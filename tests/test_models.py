@@ -168,7 +168,7 @@ def test_resume_finishes_like_an_uninterrupted_run(processed, cache_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "3"))
     monkeypatch.setattr(common.Run, "log", original_log)
-    assert torch.load(interrupted / "last.pt", weights_only=False)["epoch"] == 0
+    assert torch.load(interrupted / "last.pt", weights_only=True)["epoch"] == 0
     resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "3", "--resume"))
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((interrupted / "metrics.json").read_text())

@@ -1,0 +1,72 @@
+"""Files written atomically (a crash mid-write leaves the previous file intact), content hashes, the git commit."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def atomic_write(path, write, suffix=""):
+    """Write through ``write(tmp_path)`` to a temp file in the same folder, then rename over ``path``:
+    a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_torch_save(path, obj):
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_npy(path, array):
+    atomic_write(path, lambda tmp: np.save(tmp, array), suffix=".npy")
+
+
+def atomic_write_parquet(path, frame):
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def file_sha256(path, chunk=1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
