@@ -8,25 +8,29 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import common
+from fashion_search import backbones, heads, pipeline
+from fashion_search.data import load_processed
+from fashion_search.errors import cli
+from fashion_search.files import atomic_write_json
+from fashion_search.model import EmbeddingModel
+from fashion_search.runtime import positive_int
 
 HUB_MODEL = "openai/clip-vit-base-patch32"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(parser, image_size=224, batch_size=64, lr=1e-5, epochs=5)
+    pipeline.add_common_args(parser, image_size=224, batch_size=64, lr=1e-5, epochs=5)
     parser.add_argument("--text-loss-weight", type=float, default=0.5,
                         help="weight of the image-text contrastive term (0 disables; >0 keeps text search working)")
-    parser.add_argument("--max-text-length", type=common.positive_int, default=77)
-    common.add_head_args(parser)
+    parser.add_argument("--max-text-length", type=positive_int, default=77)
+    heads.add_head_args(parser)
     return parser.parse_args(argv)
 
 
-class CLIPClassifier(nn.Module):
-    mean, std = common.CLIP_MEAN, common.CLIP_STD
+class CLIPClassifier(EmbeddingModel):
+    mean, std = backbones.CLIP_MEAN, backbones.CLIP_STD
 
     def __init__(self, clip, head):
         super().__init__()
@@ -34,7 +38,7 @@ class CLIPClassifier(nn.Module):
         self.head = head
 
     def embed(self, images):  # [B, 3, S, S] -> [B, projection_dim]
-        return common.clip_image_features(self.clip, images)
+        return backbones.clip_image_features(self.clip, images)
 
 
 def scratch_config(args):
@@ -44,7 +48,7 @@ def scratch_config(args):
 
     patch = 16 if args.image_size < 160 else 32
     width, layers, heads, text_layers = (32, 1, 2, 1) if args.tiny else (192, 6, 3, 2)
-    tokenizer = common.char_tokenizer()
+    tokenizer = backbones.char_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=text_layers,
                 num_attention_heads=heads, max_position_embeddings=args.max_text_length,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -61,8 +65,8 @@ def build_model(args, num_classes, backbone_config=None):
     if backbone_config is not None:
         clip = CLIPModel(CLIPConfig.from_dict(backbone_config))
     else:
-        clip = common.load_pretrained(CLIPModel.from_pretrained, args.model or HUB_MODEL, "CLIP model")
-    head = common.classifier_head(args, clip.config.projection_dim, num_classes)
+        clip = backbones.load_pretrained(CLIPModel.from_pretrained, args.model or HUB_MODEL, "CLIP model")
+    head = heads.classifier_head(args, clip.config.projection_dim, num_classes)
     return CLIPClassifier(clip, head), clip.config.to_dict()
 
 
@@ -70,8 +74,8 @@ def load_tokenizer(args):
     from transformers import CLIPTokenizer
 
     if args.from_scratch or args.tiny:
-        return common.char_tokenizer()
-    return common.load_pretrained(CLIPTokenizer.from_pretrained, args.model or HUB_MODEL, "CLIP tokenizer")
+        return backbones.char_tokenizer()
+    return backbones.load_pretrained(CLIPTokenizer.from_pretrained, args.model or HUB_MODEL, "CLIP tokenizer")
 
 
 def text_tower_record(args) -> dict:
@@ -97,12 +101,12 @@ def export(model, tokenizer, image_size, folder, text_tower: dict):
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
                        image_mean=list(model.mean), image_std=list(model.std)).save_pretrained(folder)
-    common.atomic_write_json(folder / "text_tower.json", text_tower)
+    atomic_write_json(folder / "text_tower.json", text_tower)
 
 
 def train_name_tokens(args, tokenizer):
     """The productDisplayName of every training row, tokenized: input_ids and attention_mask [N, L]."""
-    dataset, _ = common.load_processed(args.data)
+    dataset, _ = load_processed(args.data)
     names = dataset["train"]["productDisplayName"][:args.limit or None]
     # Names end with the article type ("Turtle Check Men Navy Blue Shirt"): cut long ones from the left.
     tokenizer.truncation_side = "left"
@@ -111,9 +115,10 @@ def train_name_tokens(args, tokenizer):
 
 
 def main(argv=None):
-    args = common.prepare(parse_args(argv), "clip")
+    args = parse_args(argv)
+    runtime = pipeline.prepare(args, "clip")
     if args.embed_only:
-        return common.embed_only(args, "clip", build_model)
+        return pipeline.embed_only(args, runtime, "clip", build_model)
     tokenizer = load_tokenizer(args)
     tokens = train_name_tokens(args, tokenizer) if args.text_loss_weight > 0 else None  # only the text term reads them
 
@@ -121,7 +126,7 @@ def main(argv=None):
         image_embeddings = model.embed(images)
         loss = F.cross_entropy(model.head(image_embeddings).float(), labels)
         if args.text_loss_weight > 0:
-            text_embeddings = common.clip_text_features(model.clip, tokens["input_ids"][rows].to(images.device),
+            text_embeddings = backbones.clip_text_features(model.clip, tokens["input_ids"][rows].to(images.device),
                                                         tokens["attention_mask"][rows].to(images.device))
             logits = model.clip.logit_scale.exp() * F.normalize(image_embeddings.float(), dim=1) \
                 @ F.normalize(text_embeddings.float(), dim=1).T  # [B, B], matching pairs on the diagonal
@@ -129,10 +134,10 @@ def main(argv=None):
             loss = loss + args.text_loss_weight * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         return loss
 
-    return common.train_and_export(args, "clip", build_model, loss_fn,
+    return pipeline.train_and_export(args, runtime, "clip", build_model, loss_fn,
                                    export=lambda model, run_dir: export(model, tokenizer, args.image_size,
                                                                        run_dir / "hf_model", text_tower_record(args)))
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from common import HUB_DATASET, UserError, atomic_write_json, cell_bytes, cli, decode_square, load_raw_dataset
+from fashion_search.data import HUB_DATASET, cell_bytes, load_raw_dataset
+from fashion_search.errors import UserError, cli
+from fashion_search.files import atomic_write_json
+from fashion_search.images import decode_square
 
 
 def parse_args(argv=None):

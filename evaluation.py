@@ -1,6 +1,6 @@
 """Retrieval metrics and the comparison of runs.
 
-Metrics are pure functions over arrays. Two protocols:
+The metrics are pure functions in fashion_search.metrics. Two protocols:
   - query/gallery (default): queries = test split, gallery = train split (unseen products against the catalog);
   - leave-one-out within one split: every row queries all the others (the query itself excluded), which is how
     the original report measured, kept for comparison with its figures.
@@ -24,188 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-HEADLINE_KEYS = ("precision@5", "recall@5", "accuracy@5", "precision@1", "map@r", "macro_precision@5")
-CURVE_K = 20
-
-
-def search(queries: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False):
-    """Exact top-k by inner product (cosine similarity for L2-normalised rows) with FAISS.
-
-    queries [Q, D], gallery [G, D] float32 -> (scores [Q, k] float32, indices [Q, k] int64), best first.
-    Equal scores are ordered by gallery index (lower first). Where the gallery has fewer than k candidates the
-    row is padded with index -1 and score -inf. exclude_self: queries are the gallery's own rows (in order) and
-    each query's row is removed from its own results (leave-one-out)."""
-    import faiss
-
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
-    if exclude_self and len(queries) != len(gallery):
-        raise ValueError("exclude_self needs the queries to be the gallery's own rows")
-    num_queries = len(queries)
-    scores = np.full((num_queries, k), -np.inf, dtype=np.float32)
-    indices = np.full((num_queries, k), -1, dtype=np.int64)
-    fetch = min(k + int(exclude_self), len(gallery))
-    if num_queries == 0 or fetch == 0:
-        return scores, indices
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    found_scores, found = _search_ties_by_index(index, queries, fetch)
-    if exclude_self:
-        keep = found != np.arange(num_queries)[:, None]
-        # Move each row's own index to the end (stable, so the ranking is kept), then keep the first k.
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-        valid = np.take_along_axis(keep, order, 1)
-        width = order.shape[1]
-        indices[:, :width] = np.where(valid, np.take_along_axis(found, order, 1), -1)
-        scores[:, :width] = np.where(valid, np.take_along_axis(found_scores, order, 1), -np.inf)
-    else:
-        indices[:, :fetch], scores[:, :fetch] = found, found_scores
-    return scores, indices
-
-
-def _search_ties_by_index(index, queries, need):
-    """FAISS top-``need`` with equal scores ordered by gallery index, also across the cut-off. FAISS keeps an
-    arbitrary subset of the items tied at the last place; one extra result tells whether a tie crosses the cut,
-    and only such rows are searched again, deeper, until the whole tie is in view."""
-    scores = np.empty((len(queries), need), dtype=np.float32)
-    ids = np.empty((len(queries), need), dtype=np.int64)
-    pending, depth = np.arange(len(queries)), min(need + 1, index.ntotal)
-    while len(pending):
-        deep_scores, deep_ids = index.search(queries[pending], depth)
-        order = np.lexsort((deep_ids, -deep_scores), axis=1)
-        deep_scores, deep_ids = np.take_along_axis(deep_scores, order, 1), np.take_along_axis(deep_ids, order, 1)
-        unresolved = (deep_scores[:, -1] == deep_scores[:, need - 1]) if depth < index.ntotal \
-            else np.zeros(len(pending), dtype=bool)
-        done = pending[~unresolved]
-        scores[done], ids[done] = deep_scores[~unresolved, :need], deep_ids[~unresolved, :need]
-        pending, depth = pending[unresolved], min(index.ntotal, depth * 2)
-    return scores, ids
-
-
-def relevance(query_labels, gallery_labels, indices) -> np.ndarray:
-    """bool [Q, k]: the retrieved gallery item has the query's label (padding -1 and unknown labels never)."""
-    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
-    retrieved = np.where(indices >= 0, gallery_labels[np.clip(indices, 0, None)], -2)
-    return (retrieved == query_labels[:, None]) & (query_labels[:, None] >= 0)
-
-
-def relevant_counts(query_labels, gallery_labels, exclude_self=False) -> np.ndarray:
-    """int [Q]: how many gallery items share each query's label (the query itself excluded if exclude_self)."""
-    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
-    values, counts = np.unique(gallery_labels[gallery_labels >= 0], return_counts=True)
-    lookup = dict(zip(values.tolist(), counts.tolist()))
-    total = np.array([lookup.get(label, 0) if label >= 0 else 0 for label in query_labels.tolist()], dtype=np.int64)
-    return total - 1 if exclude_self else total
-
-
-def precision_at_k(rel: np.ndarray, k: int) -> float:
-    """Mean over queries of (relevant items in the top k) / k. Missing results (k > gallery) count as wrong."""
-    return float(rel[:, :k].sum(1).mean() / k) if len(rel) else float("nan")
-
-
-def recall_at_k(rel: np.ndarray, k: int, num_relevant: np.ndarray) -> float:
-    """The original report's recall: (relevant items in the top k) / (all relevant items in the gallery),
-    averaged over queries that have at least one relevant item (for the others it is 0/0)."""
-    has = num_relevant > 0
-    return float((rel[has, :k].sum(1) / num_relevant[has]).mean()) if has.any() else float("nan")
-
-
-def accuracy_at_k(rel: np.ndarray, k: int) -> float:
-    """Share of queries with at least one relevant item in the top k (metric learning's Recall@k)."""
-    return float(rel[:, :k].any(1).mean()) if len(rel) else float("nan")
-
-
-def map_at_r(rel: np.ndarray, num_relevant: np.ndarray) -> float:
-    """MAP@R (Musgrave et al. 2020): for a query with R relevant gallery items,
-    AP@R = (1/R) * sum_{i<=R} precision@i * rel_i over its top R results. ``rel`` must hold at least max(R)
-    columns. Averaged over queries with R > 0."""
-    has = num_relevant > 0
-    if not has.any():
-        return float("nan")
-    rel, num_relevant = rel[has].astype(np.float64), num_relevant[has]
-    width = int(num_relevant.max())
-    if rel.shape[1] < width:
-        raise ValueError(f"map@r needs the top {width} results, got {rel.shape[1]}")
-    rel = rel[:, :width]
-    ranks = np.arange(1, width + 1)
-    within_r = ranks[None, :] <= num_relevant[:, None]
-    precision_at_i = np.cumsum(rel, axis=1) / ranks
-    return float(((precision_at_i * rel * within_r).sum(1) / num_relevant).mean())
-
-
-def macro_precision_at_k(rel: np.ndarray, query_labels, k: int) -> float:
-    """Mean over classes of the mean precision@k of that class's queries: every class weighs the same,
-    however many products it has (the data set is very imbalanced)."""
-    query_labels = np.asarray(query_labels)
-    per_query = rel[:, :k].sum(1) / k
-    classes = np.unique(query_labels[query_labels >= 0])
-    return float(np.mean([per_query[query_labels == c].mean() for c in classes])) if len(classes) else float("nan")
-
-
-def evaluate(query_embeddings, query_labels, gallery_embeddings, gallery_labels, exclude_self=False, k=5) -> dict:
-    """Every metric of one protocol, from one exact search deep enough for MAP@R and the precision curve."""
-    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
-    num_relevant = relevant_counts(query_labels, gallery_labels, exclude_self)
-    depth = int(max(k, CURVE_K, num_relevant.max(initial=0)))
-    _, indices = search(query_embeddings, gallery_embeddings, depth, exclude_self)
-    rel = relevance(query_labels, gallery_labels, indices)
-    return {
-        f"precision@{k}": precision_at_k(rel, k),
-        f"recall@{k}": recall_at_k(rel, k, num_relevant),
-        f"accuracy@{k}": accuracy_at_k(rel, k),
-        "precision@1": precision_at_k(rel, 1),
-        "map@r": map_at_r(rel, num_relevant),
-        f"macro_precision@{k}": macro_precision_at_k(rel, query_labels, k),
-        "num_queries": int(len(query_labels)),
-        "num_gallery": int(len(gallery_labels) - int(exclude_self)),
-        "precision_curve": [precision_at_k(rel, j) for j in range(1, CURVE_K + 1)],
-    }
-
-
-def leave_one_out_precision(embeddings, labels, k=5) -> float:
-    """precision@k of every row against all other rows of the same split (used for model selection on val)."""
-    _, indices = search(embeddings, embeddings, k, exclude_self=True)
-    return precision_at_k(relevance(labels, labels, indices), k)
-
-
-# --------------------------------------------------------------------------- run folders
-
-def load_split(run_dir, split):
-    """(embeddings [N, D] float32, metadata DataFrame) of one split of a run, checked for consistency."""
-    import pandas as pd
-    from common import UserError
-
-    npy, parquet = Path(run_dir) / "embeddings" / f"{split}.npy", Path(run_dir) / "embeddings" / f"{split}.parquet"
-    missing = [str(p) for p in (npy, parquet) if not p.exists()]
-    if missing:
-        raise UserError(f"missing {', '.join(missing)} (is {run_dir} a finished run?)")
-    embeddings, metadata = np.load(npy), pd.read_parquet(parquet)
-    if embeddings.ndim != 2 or len(embeddings) != len(metadata):
-        raise UserError(f"{npy} has shape {embeddings.shape} but {parquet} has {len(metadata)} rows")
-    return embeddings.astype(np.float32, copy=False), metadata
-
-
-def evaluate_run(run_dir, query_split="test", gallery_split="train") -> dict:
-    """metrics.json content of a run: query/gallery metrics, plus leave-one-out within the query split."""
-    from common import UserError
-
-    queries, query_meta = load_split(run_dir, query_split)
-    gallery, gallery_meta = load_split(run_dir, gallery_split)
-    if queries.shape[1] != gallery.shape[1]:
-        raise UserError(f"{run_dir}: {query_split} embeddings have dimension {queries.shape[1]} but "
-                        f"{gallery_split} ones {gallery.shape[1]}")
-    metrics = {"protocol": f"query/gallery ({query_split} -> {gallery_split})",
-               **evaluate(queries, query_meta["label"], gallery, gallery_meta["label"])}
-    loo = evaluate(queries, query_meta["label"], queries, query_meta["label"], exclude_self=True)
-    metrics["leave_one_out"] = {"protocol": f"leave-one-out within {query_split}", **loo}
-    return metrics
-
+from fashion_search.data import image_cache, load_processed
+from fashion_search.errors import UserError
+from fashion_search.files import atomic_write, atomic_write_text
+from fashion_search.metrics import CURVE_K, HEADLINE_KEYS, evaluate
+from fashion_search.runs import evaluate_run, load_split
 
 def pixel_baseline(reference_run, data_dir, query_split, gallery_split, size=32, cache_dir="data/cache") -> dict:
     """Raw-pixel kNN on exactly the rows the reference run embedded: images at size x size, flattened,
     centred on the gallery mean and L2-normalised. Any learned model must beat it."""
-    from common import image_cache, load_processed
-
     dataset, _ = load_processed(data_dir)
     vectors, labels = {}, {}
     for split in (query_split, gallery_split):
@@ -243,7 +70,6 @@ def plot_curves(rows: dict, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from common import _atomic
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, m in rows.items():
@@ -255,13 +81,11 @@ def plot_curves(rows: dict, path):
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    _atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     plt.close(figure)
 
 
 def main(argv=None):
-    from common import UserError, atomic_write_text
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders (with embeddings/<split>.npy + .parquet)")

@@ -8,23 +8,22 @@ import argparse
 import torch.nn.functional as F
 from torch import nn
 
-import common
+from fashion_search import backbones, heads, pipeline
+from fashion_search.errors import cli
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
-    common.add_resnet_args(parser)
-    common.add_head_args(parser)
+    pipeline.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
+    backbones.add_resnet_args(parser)
+    heads.add_head_args(parser)
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="softer targets: better-spread embeddings")
     parser.add_argument("--no-bn-neck", dest="bn_neck", action="store_false",
                         help="embed the raw pooled feature instead of its batch-normalised version (BNNeck)")
     return parser.parse_args(argv)
 
 
-class ResNetClassifier(nn.Module):
-    mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
-
+class ResNetClassifier(backbones.ResNetModel):
     def __init__(self, backbone, feature_dim, head, bn_neck=True):
         super().__init__()
         self.backbone = backbone
@@ -43,22 +42,23 @@ class ResNetClassifier(nn.Module):
 
 
 def build_model(args, num_classes, backbone_config=None):
-    backbone, feature_dim, config = common.resnet_backbone(args, backbone_config)
+    backbone, feature_dim, config = backbones.resnet_backbone(args, backbone_config)
     bn_neck = getattr(args, "bn_neck", False)
-    head = common.classifier_head(args, feature_dim, num_classes, bias=not bn_neck)
+    head = heads.classifier_head(args, feature_dim, num_classes, bias=not bn_neck)
     return ResNetClassifier(backbone, feature_dim, head, bn_neck), config
 
 
 def main(argv=None):
-    args = common.prepare(parse_args(argv), "resnet")
+    args = parse_args(argv)
+    runtime = pipeline.prepare(args, "resnet")
     if args.embed_only:
-        return common.embed_only(args, "resnet", build_model, channels_last=True)
+        return pipeline.embed_only(args, runtime, "resnet", build_model)
 
     def loss_fn(model, images, labels, rows):
         return F.cross_entropy(model(images).float(), labels, label_smoothing=args.label_smoothing)
 
-    return common.train_and_export(args, "resnet", build_model, loss_fn, channels_last=True)
+    return pipeline.train_and_export(args, runtime, "resnet", build_model, loss_fn)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -9,25 +9,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import common
+from fashion_search import backbones, pipeline
+from fashion_search.errors import cli
+from fashion_search.runtime import positive_int
+from fashion_search.samplers import ClassBalancedBatches
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
-    common.add_resnet_args(parser)
-    parser.add_argument("--classes-per-batch", type=common.positive_int, default=16,
+    pipeline.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
+    backbones.add_resnet_args(parser)
+    parser.add_argument("--classes-per-batch", type=positive_int, default=16,
                         help="P: classes in each batch (batch size = P x K; --batch-size is ignored)")
-    parser.add_argument("--per-class", type=common.positive_int, default=4, help="K: images per class in a batch")
+    parser.add_argument("--per-class", type=positive_int, default=4, help="K: images per class in a batch")
     parser.add_argument("--margin", type=float, default=1.0,
                         help="negatives closer than this (Euclidean, unit sphere: 0..2) are pushed apart")
-    parser.add_argument("--embedding-dim", type=common.positive_int, default=128)
+    parser.add_argument("--embedding-dim", type=positive_int, default=128)
     return parser.parse_args(argv)
 
 
-class SiameseNet(nn.Module):
-    mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
-
+class SiameseNet(backbones.ResNetModel):
     def __init__(self, backbone, feature_dim, embedding_dim):
         super().__init__()
         self.backbone = backbone
@@ -55,23 +56,24 @@ def contrastive_loss(embeddings, labels, margin):
 
 
 def build_model(args, num_classes, backbone_config=None):
-    backbone, feature_dim, config = common.resnet_backbone(args, backbone_config)
+    backbone, feature_dim, config = backbones.resnet_backbone(args, backbone_config)
     return SiameseNet(backbone, feature_dim, args.embedding_dim), config
 
 
 def main(argv=None):
-    args = common.prepare(parse_args(argv), "siamese")
+    args = parse_args(argv)
+    runtime = pipeline.prepare(args, "siamese")
     if args.embed_only:
-        return common.embed_only(args, "siamese", build_model, channels_last=True)
+        return pipeline.embed_only(args, runtime, "siamese", build_model)
 
     def loss_fn(model, images, labels, rows):
         return contrastive_loss(model.embed(images), labels, args.margin)
 
     def sampler(train_rows):
-        return common.ClassBalancedBatches(train_rows.labels, args.classes_per_batch, args.per_class, args.seed)
+        return ClassBalancedBatches(train_rows.labels, args.classes_per_batch, args.per_class, args.seed)
 
-    return common.train_and_export(args, "siamese", build_model, loss_fn, make_sampler=sampler, channels_last=True)
+    return pipeline.train_and_export(args, runtime, "siamese", build_model, loss_fn, make_sampler=sampler)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

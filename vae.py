@@ -10,24 +10,27 @@ import argparse
 import torch.nn.functional as F
 from torch import nn
 
-import common
+from fashion_search import backbones, heads, pipeline
+from fashion_search.errors import cli
+from fashion_search.model import EmbeddingModel
+from fashion_search.runtime import positive_int
 
 HUB_MODEL = "stabilityai/sd-vae-ft-mse"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_args(parser, image_size=128, batch_size=32, lr=1e-4, epochs=5)
-    parser.add_argument("--embedding-dim", type=common.positive_int, default=256)
-    parser.add_argument("--width-divisor", type=common.positive_int, default=4,
+    pipeline.add_common_args(parser, image_size=128, batch_size=32, lr=1e-4, epochs=5)
+    parser.add_argument("--embedding-dim", type=positive_int, default=256)
+    parser.add_argument("--width-divisor", type=positive_int, default=4,
                         help="--from-scratch only: divide the SD-VAE channel widths by this to fit a CPU budget")
-    common.add_head_args(parser)
+    heads.add_head_args(parser)
     return parser.parse_args(argv)
 
 
-class VAEClassifier(nn.Module):
+class VAEClassifier(EmbeddingModel):
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the VAE expects pixels in [-1, 1]
-    # Big CPU jobs stay bf16: the int8 encoder ran 0.99-1.12x as fast as the bf16 graph (BENCHMARKS.md section 1)
+    # Big CPU jobs stay bf16: its int8 encoder was no faster than the bf16 graph (BENCHMARKS.md, section 1)
     int8_worthwhile = False
 
     def __init__(self, vae, head, embedding_dim, grid=4):
@@ -64,23 +67,24 @@ def build_model(args, num_classes, backbone_config=None):
     if backbone_config is not None:
         vae = AutoencoderKL.from_config(backbone_config)
     else:
-        vae = common.load_pretrained(AutoencoderKL.from_pretrained, args.model or HUB_MODEL, "VAE")
+        vae = backbones.load_pretrained(AutoencoderKL.from_pretrained, args.model or HUB_MODEL, "VAE")
     config = dict(vae.config)
-    model = VAEClassifier(vae, common.classifier_head(args, args.embedding_dim, num_classes), args.embedding_dim)
+    model = VAEClassifier(vae, heads.classifier_head(args, args.embedding_dim, num_classes), args.embedding_dim)
     del vae  # the decoder goes with it
     return model, config
 
 
 def main(argv=None):
-    args = common.prepare(parse_args(argv), "vae")
+    args = parse_args(argv)
+    runtime = pipeline.prepare(args, "vae")
     if args.embed_only:
-        return common.embed_only(args, "vae", build_model)
+        return pipeline.embed_only(args, runtime, "vae", build_model)
 
     def loss_fn(model, images, labels, rows):
         return F.cross_entropy(model.head(model.embed(images)).float(), labels, label_smoothing=0.1)
 
-    return common.train_and_export(args, "vae", build_model, loss_fn)
+    return pipeline.train_and_export(args, runtime, "vae", build_model, loss_fn)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -13,6 +13,12 @@ import pytest
 from PIL import Image
 
 import app
+from fashion_search import accel
+from fashion_search.images import decode_square, open_image
+from fashion_search.serving import catalog, fetch
+from fashion_search.serving.batching import MicroBatcher
+from fashion_search.serving.encoder import QUERY_BATCH, Encoder
+from fashion_search.serving.errors import ModelFailure, QueryError
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
@@ -98,55 +104,55 @@ def server():
     "http://10.0.0.1/x.jpg", "http://192.168.1.1/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg", "http://2130706433/x.jpg",
     "http://0.0.0.0/x.jpg", "http://224.0.0.1/x.jpg", "http://100.64.0.1/x.jpg", "http://[fe80::1]/x.jpg"])
 def test_private_addresses_are_refused(url):
-    with pytest.raises(app.QueryError, match="non-public address"):
-        app.fetch_url(url)
+    with pytest.raises(QueryError, match="non-public address"):
+        fetch.fetch_url(url)
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/x.jpg", "file:///etc/passwd", "javascript:alert(1)", "", "x"])
 def test_other_schemes_are_refused(url):
-    with pytest.raises(app.QueryError, match="only http and https"):
-        app.fetch_url(url)
+    with pytest.raises(QueryError, match="only http and https"):
+        fetch.fetch_url(url)
 
 
 def test_local_server_is_refused_unless_allowed(server):
-    with pytest.raises(app.QueryError, match="non-public"):
-        app.fetch_url(f"{server}/img.jpg")
-    assert app.fetch_url(f"{server}/img.jpg", allow_private=True) == jpeg_bytes()
+    with pytest.raises(QueryError, match="non-public"):
+        fetch.fetch_url(f"{server}/img.jpg")
+    assert fetch.fetch_url(f"{server}/img.jpg", allow_private=True) == jpeg_bytes()
 
 
 def test_redirects_are_followed_up_to_the_limit(server):
     # /redirect/N answers N + 1 redirects before the image
-    assert app.fetch_url(f"{server}/redirect/2", allow_private=True) == jpeg_bytes()
-    with pytest.raises(app.QueryError, match="more than 3 redirects"):
-        app.fetch_url(f"{server}/redirect/3", allow_private=True)
+    assert fetch.fetch_url(f"{server}/redirect/2", allow_private=True) == jpeg_bytes()
+    with pytest.raises(QueryError, match="more than 3 redirects"):
+        fetch.fetch_url(f"{server}/redirect/3", allow_private=True)
 
 
 def test_public_name_redirecting_to_a_private_address_is_refused(server, monkeypatch):
-    real = app.resolve_public
+    real = fetch.resolve_public
 
     def resolve(host, port, allow_private, deadline=None):
         # 'public.test' plays a public server (it is our local one); every other host is checked for real.
         return "127.0.0.1" if host == "public.test" else real(host, port, allow_private, deadline)
 
-    monkeypatch.setattr(app, "resolve_public", resolve)
+    monkeypatch.setattr(fetch, "resolve_public", resolve)
     port = server.rsplit(":", 1)[1]
-    with pytest.raises(app.QueryError, match="non-public address"):
-        app.fetch_url(f"http://public.test:{port}/to-private")
+    with pytest.raises(QueryError, match="non-public address"):
+        fetch.fetch_url(f"http://public.test:{port}/to-private")
 
 
 @pytest.mark.parametrize("path, message", [
     ("/html", "serves 'text/html'"), ("/huge-declared", "larger than 10 MB"), ("/endless", "larger than 10 MB"),
     ("/missing", "HTTP 404")])
 def test_bad_bodies_are_refused(server, path, message):
-    with pytest.raises(app.QueryError, match=message):
-        app.fetch_url(server + path, allow_private=True)
+    with pytest.raises(QueryError, match=message):
+        fetch.fetch_url(server + path, allow_private=True)
 
 
 def test_slow_body_hits_the_total_deadline(server, monkeypatch):
-    monkeypatch.setattr(app, "TOTAL_TIMEOUT", 2.0)
+    monkeypatch.setattr(fetch, "TOTAL_TIMEOUT", 2.0)
     started = time.monotonic()
-    with pytest.raises(app.QueryError, match="longer than 2 s"):
-        app.fetch_url(f"{server}/slow", allow_private=True)
+    with pytest.raises(QueryError, match="longer than 2 s"):
+        fetch.fetch_url(f"{server}/slow", allow_private=True)
     assert time.monotonic() - started < 5
 
 
@@ -165,7 +171,7 @@ def test_micro_batcher_answers_each_request_with_its_own_result():
         time.sleep(0.05)
         return batch * 2
 
-    batcher = app.MicroBatcher(slow_double, max_batch=16, max_wait=0.05)
+    batcher = MicroBatcher(slow_double, max_batch=16, max_wait=0.05)
     results = {}
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher(np.array([i])))) for i in range(12)]
     for thread in threads:
@@ -184,7 +190,7 @@ def test_micro_batcher_waits_for_as_many_requests_as_its_last_batch_and_no_more(
         gate.wait(5)  # the first batch holds until three more requests are queued: they form a batch of 3
         return batch
 
-    batcher = app.MicroBatcher(record, max_batch=16, max_wait=1.0, memory=30)
+    batcher = MicroBatcher(record, max_batch=16, max_wait=1.0, memory=30)
     first = threading.Thread(target=batcher, args=(np.zeros(1),))
     first.start()
     while not sizes:
@@ -207,7 +213,7 @@ def test_micro_batcher_waits_for_as_many_requests_as_its_last_batch_and_no_more(
         thread.join()
     assert sizes == [1, 3, 3]
     # ... while an idle batcher answers a lone request at once, without waiting for company.
-    idle = app.MicroBatcher(lambda batch: batch, max_wait=1.0)
+    idle = MicroBatcher(lambda batch: batch, max_wait=1.0)
     started = time.perf_counter()
     idle(np.zeros(1))
     assert time.perf_counter() - started < 0.5
@@ -223,13 +229,13 @@ def test_micro_batcher_hands_an_error_to_every_request_of_the_batch_and_lives_on
             raise RuntimeError("out of memory")
         return batch
 
-    batcher = app.MicroBatcher(fail_first_batch, max_wait=0.5)
+    batcher = MicroBatcher(fail_first_batch, max_wait=0.5)
     outcomes = {}
 
     def ask(i):
         try:
             outcomes[i] = batcher(np.array([i]))[0]
-        except app.QueryError as exc:
+        except QueryError as exc:
             outcomes[i] = exc
     first = threading.Thread(target=ask, args=(0,))
     first.start()
@@ -243,7 +249,7 @@ def test_micro_batcher_hands_an_error_to_every_request_of_the_batch_and_lives_on
     gate.set()
     for thread in [first, *others]:
         thread.join()
-    assert isinstance(outcomes[0], app.ModelFailure) and "RuntimeError: out of memory" in str(outcomes[0])
+    assert isinstance(outcomes[0], ModelFailure) and "RuntimeError: out of memory" in str(outcomes[0])
     assert [outcomes[i] for i in (1, 2, 3)] == [1, 2, 3]  # the next batch was answered
     assert batcher(np.ones(1))[0] == 1
 
@@ -254,7 +260,7 @@ def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_
     the eager embeddings (int8: up to its small error)."""
     import torch
 
-    encoder = app.Encoder(str(trained_runs["clip"] / "hf_model"))
+    encoder = Encoder(str(trained_runs["clip"] / "hf_model"))
     size = encoder.image_size
     # Laid out as decoded photos are, channels last in memory: the warm-up's blank images are not.
     images = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8).transpose(0, 3, 1, 2)
@@ -283,9 +289,9 @@ def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_
 def test_int8_graph_is_refused_when_it_disagrees_with_bf16_or_torchao_is_missing(trained_runs, monkeypatch, capsys):
     import torch
 
-    encoder = app.Encoder(str(trained_runs["clip"] / "hf_model"))
+    encoder = Encoder(str(trained_runs["clip"] / "hf_model"))
     photos = np.random.default_rng(1).integers(0, 256, (8, 3, encoder.image_size, encoder.image_size), np.uint8)
-    monkeypatch.setattr(app.common, "INT8_MIN_COSINE", 1.01)  # no int8 graph can agree this well
+    monkeypatch.setattr(accel, "INT8_MIN_COSINE", 1.01)  # no int8 graph can agree this well
     try:
         assert encoder.quantize_int8_batches(photos) is None
     finally:
@@ -294,18 +300,18 @@ def test_int8_graph_is_refused_when_it_disagrees_with_bf16_or_torchao_is_missing
 
     def no_torchao(*args):
         raise ImportError("No module named 'torchao'")
-    monkeypatch.setattr(app.common, "quantize_int8", no_torchao)
+    monkeypatch.setattr(accel, "quantize_int8", no_torchao)
     assert encoder.quantize_int8_batches(photos) is None
     assert "torchao is not installed" in capsys.readouterr().out
 
 
 def test_calibration_photos_are_decoded_catalog_photos(service):
     size = service.encoder.image_size
-    photos = app.calibration_photos(service.catalog, size, count=10)
+    photos = catalog.calibration_photos(service.catalog, size, count=10)
     assert photos.shape == (10, 3, size, size) and photos.dtype == np.uint8
-    first = app.common.decode_square(service.catalog.image_bytes(0), size)
+    first = decode_square(service.catalog.image_bytes(0), size)
     assert np.array_equal(photos[0], first)  # spread over the catalog from its first row to its last
-    assert app.calibration_photos(service.catalog, size, count=app.QUERY_BATCH - 1) is None  # under one batch
+    assert catalog.calibration_photos(service.catalog, size, count=QUERY_BATCH - 1) is None  # under one batch
 
 
 def test_the_item_itself_comes_first(service):
@@ -315,8 +321,8 @@ def test_the_item_itself_comes_first(service):
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
     assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score"}
-    item = service.catalog.meta.iloc[service.catalog.row_of_id[app.id_key(item_id)]]  # the record is that item's metadata
-    assert all(results[0][field] == item[field] for field in app.RESULT_FIELDS)
+    item = service.catalog.meta.iloc[service.catalog.row_of_id[catalog.id_key(item_id)]]  # the record is that item's metadata
+    assert all(results[0][field] == item[field] for field in catalog.RESULT_FIELDS)
     assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
 
 
@@ -329,7 +335,7 @@ def test_gallery_shows_each_result_photo_from_a_jpeg_file_written_once(service):
     assert results[0]["articleType"] in caption and results[0]["productDisplayName"] in caption
     with Image.open(path) as shown:
         assert shown.format == "JPEG" and shown.mode == "RGB"
-        original = np.asarray(app.common.open_image(data), dtype=np.float32)
+        original = np.asarray(open_image(data), dtype=np.float32)
         assert shown.size == (original.shape[1], original.shape[0])
         assert np.abs(np.asarray(shown, dtype=np.float32) - original).mean() < 4  # the same photo, re-encoded
     written = Path(path).stat().st_mtime_ns
@@ -348,14 +354,14 @@ def test_filters_apply_inside_the_search(service):
 def test_text_query(service):
     results = service.search_text("Red Watches")
     assert len(results) == 5 and [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
-    with pytest.raises(app.QueryError, match="type a description"):
+    with pytest.raises(QueryError, match="type a description"):
         service.search_text("   ")
 
 
 def test_bad_upload_is_a_clear_message(service, tmp_path):
     for name, data in (("empty.jpg", b""), ("text.jpg", b"hello"), ("cut.jpg", jpeg_bytes()[:200])):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(app.QueryError, match="not a readable image"):
+        with pytest.raises(QueryError, match="not a readable image"):
             service.search_image_file(str(tmp_path / name))
 
 
@@ -381,7 +387,7 @@ def test_catalog_from_another_dataset(trained_runs, hub_dataset, cache_dir, tmp_
 
 
 def test_no_run_and_offline_is_one_clear_line(tmp_path, cache_dir):
-    from common import UserError
+    from fashion_search.errors import UserError
 
     args = app.parse_args(["--run", str(tmp_path / "none"), "--cache-dir", str(cache_dir)])
     with pytest.raises(UserError) as exc:

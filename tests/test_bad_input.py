@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import common
+from fashion_search.images import decode_square, square_uint8
+from fashion_search.serving.errors import QueryError
 
 
 def encode(image, fmt, **kwargs):
@@ -66,42 +67,41 @@ BAD = {
 
 @pytest.mark.parametrize("name", list(GOOD))
 def test_unusual_images_decode(name):
-    pixels = common.decode_square(GOOD[name](), 32)
+    pixels = decode_square(GOOD[name](), 32)
     assert pixels.shape == (3, 32, 32) and pixels.dtype == np.uint8
 
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_images_get_a_clear_message(name):
     with pytest.raises(ValueError, match="not a readable image|too large"):
-        common.decode_square(BAD[name](), 32)
+        decode_square(BAD[name](), 32)
 
 
 def test_exif_orientation_is_applied():
-    upright = common.square_uint8(pattern(), 48)
-    rotated = common.decode_square(exif_rotated(), 48)
+    upright = square_uint8(pattern(), 48)
+    rotated = decode_square(exif_rotated(), 48)
     assert np.abs(upright.astype(int) - rotated.astype(int)).mean() < 12  # JPEG noise only
-    unrotated = common.square_uint8(pattern().transpose(Image.Transpose.ROTATE_90), 48)
+    unrotated = square_uint8(pattern().transpose(Image.Transpose.ROTATE_90), 48)
     assert np.abs(unrotated.astype(int) - rotated.astype(int)).mean() > 40
 
 
 def test_animated_images_use_the_first_frame():
-    red = common.decode_square(animated("GIF"), 16)
+    red = decode_square(animated("GIF"), 16)
     assert red[0].mean() > 200 and red[1].mean() < 60
 
 
 def test_transparency_is_composed_over_white():
-    pixels = common.decode_square(encode(Image.new("RGBA", (20, 20), (0, 0, 0, 0)), "PNG"), 16)
+    pixels = decode_square(encode(Image.new("RGBA", (20, 20), (0, 0, 0, 0)), "PNG"), 16)
     assert pixels.min() == 255
 
 
 @pytest.mark.parametrize("name", list(GOOD) + list(BAD))
 def test_every_file_through_the_app(service, name):
-    import app
 
     data = (GOOD | BAD)[name]()
     if name in GOOD:
         results = service.search_image_bytes(data)
         assert len(results) == 5
     else:
-        with pytest.raises(app.QueryError, match="not a readable image|too large"):
+        with pytest.raises(QueryError, match="not a readable image|too large"):
             service.search_image_bytes(data)

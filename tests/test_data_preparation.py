@@ -65,7 +65,7 @@ def test_offline_hub_name_is_one_clear_line(tmp_path):
 
 
 def test_missing_label_column_is_a_clear_error(hub_dataset, tmp_path):
-    from common import UserError
+    from fashion_search.errors import UserError
 
     with pytest.raises(UserError, match="no column 'style'"):
         data_preparation.main(["--dataset", str(hub_dataset), "--output-dir", str(tmp_path / "p"),

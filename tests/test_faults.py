@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import common
 from conftest import tiny_args
+from fashion_search.errors import UserError
+from fashion_search.files import atomic_torch_save
+from fashion_search.serving import index
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -45,19 +47,18 @@ def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(processed,
 
 
 WRITER = """
-import sys, time, torch
-sys.path.insert(0, {repo!r})
-import common
+import torch
+from fashion_search.files import atomic_torch_save
 big = {{"weights": torch.arange(40_000_000, dtype=torch.float32)}}  # 160 MB: the write takes a while
 print("ready", flush=True)
 while True:
-    common.atomic_torch_save({path!r}, big)
+    atomic_torch_save({path!r}, big)
 """
 
 
 def test_kill_9_during_a_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    common.atomic_torch_save(path, {"weights": torch.ones(3)})
+    atomic_torch_save(path, {"weights": torch.ones(3)})
     process = subprocess.Popen([sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path))],
                                stdout=subprocess.PIPE, env=ENV)
     assert process.stdout.readline().strip() == b"ready"
@@ -76,11 +77,11 @@ def test_run_with_mismatched_embeddings_is_one_clear_message(trained_runs, cache
     run = tmp_path / "run"
     shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
     np.save(run / "embeddings" / "val.npy", np.zeros((3, 7), dtype=np.float32))
-    with pytest.raises(common.UserError, match="val.npy has shape"):
+    with pytest.raises(UserError, match="val.npy has shape"):
         app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
     shutil.copy(trained_runs["clip"] / "embeddings" / "val.npy", run / "embeddings" / "val.npy")
     (run / "embeddings" / "test.npy").unlink()
-    with pytest.raises(common.UserError, match="test.npy"):
+    with pytest.raises(UserError, match="test.npy"):
         app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
 
 
@@ -101,7 +102,7 @@ def test_checkpoint_of_another_label_map_is_refused(trained_runs, processed, tmp
     state = torch.load(run / "best.pt", weights_only=True)
     state["label_names"] = state["label_names"] + ["Extra class"]
     torch.save(state, run / "best.pt")
-    with pytest.raises(common.UserError, match="does not match"):
+    with pytest.raises(UserError, match="does not match"):
         resnet.main(["--embed-only", "--checkpoint", str(run), "--data", str(processed),
                      "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
 
@@ -139,14 +140,13 @@ def test_damaged_index_files_are_rebuilt_not_served(trained_runs, cache_dir, tmp
 
 
 def test_index_type_follows_catalog_size():
-    import app
 
-    small = app.build_index(np.eye(8, 16, dtype=np.float32))
+    small = index.build_index(np.eye(8, 16, dtype=np.float32))
     assert type(small).__name__ == "IndexFlatIP"
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((app.EXACT_UP_TO + 1, 16)).astype(np.float32)
+    vectors = rng.standard_normal((index.EXACT_UP_TO + 1, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    large = app.build_index(vectors)
-    assert hasattr(large, "hnsw") and large.hnsw.efSearch == app.hnsw_ef_search(len(vectors))
+    large = index.build_index(vectors)
+    assert hasattr(large, "hnsw") and large.hnsw.efSearch == index.hnsw_ef_search(len(vectors))
     _, found = large.search(vectors[:50], 1)
     assert (found[:, 0] == np.arange(50)).mean() >= 0.98  # each vector finds itself

@@ -5,10 +5,8 @@ import http.server
 import io
 import json
 import os
-import pickle
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -21,9 +19,12 @@ import torch
 from PIL import Image
 
 import app
-import common
 from conftest import free_port, tiny_args
 from fashion_search import checkpoint
+from fashion_search.errors import UserError
+from fashion_search.serving import fetch
+from fashion_search.serving.batching import MicroBatcher
+from fashion_search.serving.errors import Busy, QueryError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_a_crafted_checkpoint_is_refused_in_one_line_and_runs_nothing(trained_ru
     state = torch.load(run / "best.pt", weights_only=True)
     state["payload"] = CreatesAFile(marker)
     torch.save(state, run / "best.pt")
-    with pytest.raises(common.UserError) as refused:
+    with pytest.raises(UserError) as refused:
         resnet.main(["--embed-only", "--checkpoint", str(run), "--data", str(processed), "--device", "cpu",
                      "--output-dir", str(tmp_path / "out")])
     message = str(refused.value)
@@ -65,7 +66,7 @@ def test_a_crafted_checkpoint_is_refused_in_one_line_and_runs_nothing(trained_ru
     # --resume reads last.pt through the same loader
     state["payload"] = CreatesAFile(marker)
     torch.save(state, run / "last.pt")
-    with pytest.raises(common.UserError, match="last.pt is refused"):
+    with pytest.raises(UserError, match="last.pt is refused"):
         checkpoint.load(run / "last.pt")
     assert not marker.exists()
 
@@ -76,7 +77,7 @@ def test_an_old_checkpoint_is_re_exported_on_request_and_then_loads_safely(tmp_p
     path = tmp_path / "best.pt"
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1, data=Path("data/x")),
                 "val_precision@5": np.float64(0.5)}, path)  # what older versions pickled
-    with pytest.raises(common.UserError, match="re-export"):
+    with pytest.raises(UserError, match="re-export"):
         checkpoint.load(path)
     with pytest.raises(SystemExit):  # --trust is required: loading with the unsafe loader is the user's call
         checkpoint.main([str(path)])
@@ -130,33 +131,33 @@ def drip_server():
 
 
 def test_headers_dripping_a_byte_at_a_time_are_cut_off_at_the_deadline(drip_server, monkeypatch):
-    monkeypatch.setattr(app, "TOTAL_TIMEOUT", 2.0)
+    monkeypatch.setattr(fetch, "TOTAL_TIMEOUT", 2.0)
     started = time.monotonic()
-    with pytest.raises(app.QueryError, match="longer than 2 s"):
-        app.fetch_url(f"{drip_server}/drip-headers", allow_private=True)
+    with pytest.raises(QueryError, match="longer than 2 s"):
+        fetch.fetch_url(f"{drip_server}/drip-headers", allow_private=True)
     assert time.monotonic() - started < 3.0  # deadline + 1 s
 
 
 def test_a_stalled_tls_handshake_is_cut_off_at_the_deadline(monkeypatch):
     """A server that accepts the connection and never answers the TLS hello."""
-    monkeypatch.setattr(app, "TOTAL_TIMEOUT", 2.0)
-    monkeypatch.setattr(app, "READ_TIMEOUT", 60.0)  # the deadline, not a per-read timeout, must end it
+    monkeypatch.setattr(fetch, "TOTAL_TIMEOUT", 2.0)
+    monkeypatch.setattr(fetch, "READ_TIMEOUT", 60.0)  # the deadline, not a per-read timeout, must end it
     listener = socket.create_server(("127.0.0.1", 0))
     try:
         started = time.monotonic()
-        with pytest.raises(app.QueryError, match="longer than 2 s"):
-            app.fetch_url(f"https://127.0.0.1:{listener.getsockname()[1]}/x.jpg", allow_private=True)
+        with pytest.raises(QueryError, match="longer than 2 s"):
+            fetch.fetch_url(f"https://127.0.0.1:{listener.getsockname()[1]}/x.jpg", allow_private=True)
         assert time.monotonic() - started < 3.0
     finally:
         listener.close()
 
 
 def test_a_slow_name_lookup_counts_against_the_deadline(monkeypatch):
-    monkeypatch.setattr(app, "TOTAL_TIMEOUT", 1.0)
-    monkeypatch.setattr(app.socket, "getaddrinfo", lambda *args, **kwargs: time.sleep(5))
+    monkeypatch.setattr(fetch, "TOTAL_TIMEOUT", 1.0)
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", lambda *args, **kwargs: time.sleep(5))
     started = time.monotonic()
-    with pytest.raises(app.QueryError, match="longer than 1 s"):
-        app.fetch_url("http://slow-dns.test/x.jpg")
+    with pytest.raises(QueryError, match="longer than 1 s"):
+        fetch.fetch_url("http://slow-dns.test/x.jpg")
     assert time.monotonic() - started < 2.0
 
 
@@ -169,18 +170,18 @@ def test_a_slow_name_lookup_counts_against_the_deadline(monkeypatch):
     "fec0::1",              # site-local
     "100.64.0.1", "100.100.100.200", "100.127.255.254"])  # shared address space (cloud metadata at .200)
 def test_ranges_that_is_global_lets_through_are_refused(address, monkeypatch):
-    with pytest.raises(app.QueryError, match="non-public address"):
-        app.check_address(address, allow_private=False)
+    with pytest.raises(QueryError, match="non-public address"):
+        fetch.check_address(address, allow_private=False)
     # ... also when a public-looking name resolves to one of them
-    monkeypatch.setattr(app.socket, "getaddrinfo",
+    monkeypatch.setattr(fetch.socket, "getaddrinfo",
                         lambda *args, **kwargs: [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, 80))])
-    with pytest.raises(app.QueryError, match="non-public address"):
-        app.fetch_url("http://images.example/x.jpg")
+    with pytest.raises(QueryError, match="non-public address"):
+        fetch.fetch_url("http://images.example/x.jpg")
 
 
 def test_public_addresses_still_pass():
     for address in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"):
-        assert app.check_address(address, allow_private=False)
+        assert fetch.check_address(address, allow_private=False)
 
 
 # --------------------------------------------------------------------------- 3. no URL through a file route
@@ -217,7 +218,7 @@ def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(
     assert record["usable"] is False and "--text-loss-weight" in record["why"]
     assert json.loads((trained_runs["clip"] / "hf_model" / "text_tower.json").read_text())["usable"] is True
     service, _ = app.load_service(app.parse_args(["--run", str(imageonly_clip), "--cache-dir", str(cache_dir)]))
-    with pytest.raises(app.QueryError, match="--text-loss-weight"):
+    with pytest.raises(QueryError, match="--text-loss-weight"):
         service.search_text("red shirt")
     port = free_port()
     page = app.serve(service, port=port, block=False, quiet=True)
@@ -251,7 +252,7 @@ def test_a_folder_of_photos_is_a_catalog_with_ids_from_file_names(trained_runs, 
     results = service.search_image_bytes(jpeg(colours["green-cap"]))
     assert results[0]["id"] == "green-cap" and results[0]["articleType"] == "" and len(results) == 5
     assert service.search_item("green-cap")[0]["id"] == "green-cap"
-    with pytest.raises(app.QueryError, match="cannot be filtered by gender"):
+    with pytest.raises(QueryError, match="cannot be filtered by gender"):
         service.catalog.search(service.catalog.embeddings[0], {"gender": "Men"})
 
 
@@ -303,7 +304,7 @@ def test_embed_only_writes_beside_the_trained_run_never_into_it(trained_runs, hu
     beside = tmp_path / f"resnet-embed-{hub_dataset.name}"
     assert (beside / "embeddings" / "all.npy").exists() and str(beside) in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # the run is untouched
-    with pytest.raises(common.UserError, match="is the trained run itself"):
+    with pytest.raises(UserError, match="is the trained run itself"):
         resnet.main(["--embed-only", "--checkpoint", str(run), "--data", str(hub_dataset), "--device", "cpu",
                      "--output-dir", str(run) + "/"])
 
@@ -317,7 +318,7 @@ def test_base_colour_filters_and_unknown_values_name_the_valid_ones(service, ser
     data = service.catalog.image_bytes(0)
     reds = service.search_image_bytes(data, None, None, None, "Red")
     assert reds and all(r["baseColour"] == "Red" for r in reds)
-    with pytest.raises(app.QueryError, match=r"unknown baseColour 'Mauve'; valid values: Black, Blue, Green, Red"):
+    with pytest.raises(QueryError, match=r"unknown baseColour 'Mauve'; valid values: Black, Blue, Green, Red"):
         service.search_image_bytes(data, None, None, None, "Mauve")
     answer = httpx.get(served + "api/search_text", params={"q": "shirt", "baseColour": "Mauve"}, timeout=30)
     assert answer.status_code == 400 and "valid values: Black, Blue, Green, Red" in answer.json()["error"]
@@ -338,19 +339,19 @@ def test_base_colour_filters_and_unknown_values_name_the_valid_ones(service, ser
 
 def test_a_full_batcher_refuses_at_once_and_no_request_waits_forever():
     gate, outcomes = threading.Event(), []
-    batcher = app.MicroBatcher(lambda batch: (gate.wait(10), batch)[1], max_pending=2, timeout=0.5)
+    batcher = MicroBatcher(lambda batch: (gate.wait(10), batch)[1], max_pending=2, timeout=0.5)
 
     def ask():
         try:
             outcomes.append(batcher(np.zeros(1)))
-        except app.Busy as exc:
+        except Busy as exc:
             outcomes.append(str(exc))
     waiting = [threading.Thread(target=ask) for _ in range(3)]
     for thread in waiting:  # one runs (blocked on the gate), two wait in the queue
         thread.start()
         time.sleep(0.05)
     started = time.monotonic()
-    with pytest.raises(app.Busy, match="busy, try again"):
+    with pytest.raises(Busy, match="busy, try again"):
         batcher(np.zeros(1))
     assert time.monotonic() - started < 0.1  # refused at once
     for thread in waiting:

@@ -2,8 +2,8 @@
 AccuracyCalculator where the definitions match (precision@1, MAP@R)."""
 import numpy as np
 import pytest
+from fashion_search import metrics as ev
 
-import evaluation as ev
 
 
 def unit(x):

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 import clip
-import common
 import resnet
 import siamese
 import vae
 from conftest import tiny_args
+from fashion_search import accel, backbones, embed, heads, pipeline, runtime
+from fashion_search.errors import UserError
+from fashion_search.inference import embed_images
+from fashion_search.runs import Run
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {"resnet": resnet, "siamese": siamese, "clip": clip, "vae": vae}
@@ -34,7 +37,7 @@ def test_run_folder_is_complete(trained_runs, name):
     for key in ("precision@5", "recall@5", "accuracy@5", "precision@1", "map@r", "macro_precision@5"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["num_queries"] > 0 and metrics["protocol"].startswith("query/gallery")
-    expected = str(common.autocast_dtype(torch.device("cpu")) or torch.float32).removeprefix("torch.")
+    expected = str(runtime.autocast_dtype(torch.device("cpu")) or torch.float32).removeprefix("torch.")
     assert metrics["embedding_precision"] == expected  # a tiny job: eager, in the autocast dtype (not int8)
     for split in ("train", "val", "test"):
         embeddings = np.load(run / "embeddings" / f"{split}.npy")
@@ -66,17 +69,17 @@ def test_embed_only_reproduces_training_embeddings(trained_runs, processed, cach
 
 
 def test_cosine_head_is_scaled_cosine_and_survives_the_checkpoint(trained_runs):
-    head = common.CosineHead(4, 3, scale=16.0)
+    head = heads.CosineHead(4, 3, scale=16.0)
     features = torch.randn(5, 4)
     expected = np.array([[16.0 * f @ w / (np.linalg.norm(f) * np.linalg.norm(w)) for w in head.weight.detach().numpy()]
                          for f in features.numpy()])
     np.testing.assert_allclose(head(features).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(head(3 * features), head(features))  # the embedding's norm does not matter
     # the tiny vae run was trained with --head cosine: its checkpoint rebuilds that head
-    model, _ = common.load_trained(trained_runs["vae"], "vae", vae.build_model, torch.device("cpu"))
-    assert isinstance(model.head, common.CosineHead)
+    model, _ = pipeline.load_trained(trained_runs["vae"], "vae", vae.build_model, torch.device("cpu"))
+    assert isinstance(model.head, heads.CosineHead)
     # arguments saved before --head existed rebuild the linear head those runs had
-    assert isinstance(common.classifier_head(argparse.Namespace(), 4, 3), torch.nn.Linear)
+    assert isinstance(heads.classifier_head(argparse.Namespace(), 4, 3), torch.nn.Linear)
 
 
 def test_embed_only_on_a_hub_layout_folder_is_one_split_all(trained_runs, hub_dataset, cache_dir, tmp_path):
@@ -90,7 +93,7 @@ def test_embed_only_on_a_hub_layout_folder_is_one_split_all(trained_runs, hub_da
 
 
 def test_embed_only_refuses_another_scripts_run(trained_runs, processed, tmp_path):
-    with pytest.raises(common.UserError, match="trained by resnet.py"):
+    with pytest.raises(UserError, match="trained by resnet.py"):
         clip.main(["--embed-only", "--checkpoint", str(trained_runs["resnet"]), "--data", str(processed),
                    "--output-dir", str(tmp_path / "x"), "--device", "cpu"])
 
@@ -104,7 +107,7 @@ def test_pretrained_paths_load_local_folders(processed, cache_dir, tmp_path):
     args = clip.parse_args(["--tiny", "--image-size", "32"])
     clip_dir = tmp_path / "clip-local"
     CLIPModel(CLIPConfig.from_dict(clip.scratch_config(args))).save_pretrained(clip_dir)
-    common.char_tokenizer().save_pretrained(clip_dir)
+    backbones.char_tokenizer().save_pretrained(clip_dir)
     clip.main(["--model", str(clip_dir), "--data", str(processed), "--output-dir", str(tmp_path / "clip"),
                "--cache-dir", str(cache_dir), "--image-size", "32", "--max-steps", "2", "--device", "cpu"])
     assert (tmp_path / "clip" / "metrics.json").exists()
@@ -117,17 +120,17 @@ def test_pretrained_paths_load_local_folders(processed, cache_dir, tmp_path):
 
     state_file = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), state_file)
-    backbone, dim, config = common.resnet_backbone(resnet.parse_args(["--model", str(state_file)]))
+    backbone, dim, config = backbones.resnet_backbone(resnet.parse_args(["--model", str(state_file)]))
     assert dim == 2048 and config == {"arch": "resnet50"}
-    with pytest.raises(common.UserError, match="not a torchvision resnet50 state_dict"):
+    with pytest.raises(UserError, match="not a torchvision resnet50 state_dict"):
         torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
-        common.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "bad.pth")]))
+        backbones.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "bad.pth")]))
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
-    backbone, dim, config = common.resnet_backbone(
+    backbone, dim, config = backbones.resnet_backbone(
         siamese.parse_args(["--arch", "resnet18", "--model", str(tmp_path / "resnet18.pth")]))
     assert dim == 512 and config == {"arch": "resnet18"}
-    with pytest.raises(common.UserError, match="not a torchvision resnet50"):  # the wrong depth for --arch
-        common.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "resnet18.pth")]))
+    with pytest.raises(UserError, match="not a torchvision resnet50"):  # the wrong depth for --arch
+        backbones.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "resnet18.pth")]))
 
 
 @pytest.mark.parametrize("script", ["resnet.py", "clip.py", "vae.py", "siamese.py"])
@@ -147,7 +150,7 @@ def test_bad_arguments_are_argparse_errors(processed, tmp_path):
         with pytest.raises(SystemExit) as exc:
             resnet.parse_args(argv)
         assert exc.value.code == 2
-    with pytest.raises(common.UserError, match="not a processed dataset"):
+    with pytest.raises(UserError, match="not a processed dataset"):
         resnet.main(["--tiny", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "r")])
 
 
@@ -155,7 +158,7 @@ def test_resume_finishes_like_an_uninterrupted_run(processed, cache_dir, tmp_pat
     full = tmp_path / "full"
     resnet.main(tiny_args(processed, full, cache_dir, "--epochs", "3"))
     interrupted = tmp_path / "interrupted"
-    original_log = common.Run.log
+    original_log = Run.log
     calls = {"n": 0}
 
     def crash_after_first_epoch(self, record):
@@ -164,10 +167,10 @@ def test_resume_finishes_like_an_uninterrupted_run(processed, cache_dir, tmp_pat
         if calls["n"] == 2:  # epoch 2 logged, its last.pt not yet written: the state of a kill mid-epoch 2
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.Run, "log", crash_after_first_epoch)
+    monkeypatch.setattr(Run, "log", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "3"))
-    monkeypatch.setattr(common.Run, "log", original_log)
+    monkeypatch.setattr(Run, "log", original_log)
     assert torch.load(interrupted / "last.pt", weights_only=True)["epoch"] == 0
     resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "3", "--resume"))
     a = json.loads((full / "metrics.json").read_text())
@@ -176,25 +179,25 @@ def test_resume_finishes_like_an_uninterrupted_run(processed, cache_dir, tmp_pat
         assert b[key] == pytest.approx(a[key], abs=1e-6)
     np.testing.assert_allclose(np.load(interrupted / "embeddings" / "test.npy"),
                                np.load(full / "embeddings" / "test.npy"), atol=1e-5)
-    with pytest.raises(common.UserError, match="other arguments"):
+    with pytest.raises(UserError, match="other arguments"):
         resnet.main(tiny_args(processed, interrupted, cache_dir, "--epochs", "4", "--resume"))
 
 
 def test_device_and_autocast_selection(monkeypatch):
-    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert common.autocast_dtype(torch.device("cpu"), "fp32") is None
-    assert common.autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
-    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: False)
-    assert common.autocast_dtype(torch.device("cpu")) is None  # no native bf16: fp32 is faster
-    monkeypatch.setattr(common, "cpu_supports_bf16", lambda: True)
-    assert common.autocast_dtype(torch.device("cpu")) is torch.bfloat16
+    assert runtime.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.autocast_dtype(torch.device("cpu"), "fp32") is None
+    assert runtime.autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    assert runtime.autocast_dtype(torch.device("cpu")) is None  # no native bf16: fp32 is faster
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert runtime.autocast_dtype(torch.device("cpu")) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert common.autocast_dtype(torch.device("cuda")) is torch.float16
+    assert runtime.autocast_dtype(torch.device("cuda")) is torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert common.autocast_dtype(torch.device("cuda")) is torch.bfloat16
+    assert runtime.autocast_dtype(torch.device("cuda")) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(common.UserError, match="no CUDA device"):
-        common.resolve_device("cuda:0")
+    with pytest.raises(UserError, match="no CUDA device"):
+        runtime.resolve_device("cuda:0")
 
 
 def test_contrastive_loss_matches_a_pairwise_loop():
@@ -230,7 +233,7 @@ def test_folding_batchnorm_keeps_the_embeddings():
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
     model = resnet.ResNetClassifier(backbone, 512, torch.nn.Linear(512, 3, bias=False)).eval()
-    folded = common.fold_batchnorm(model)
+    folded = accel.fold_batchnorm(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # the original is untouched
     images = torch.randn(4, 3, 32, 32)
@@ -244,7 +247,7 @@ def tiny_resnet_classifier():
     torch.manual_seed(0)
     backbone = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     backbone.fc = torch.nn.Identity()
-    return common.fold_batchnorm(resnet.ResNetClassifier(backbone, 512, torch.nn.Linear(512, 3, bias=False)).eval())
+    return accel.fold_batchnorm(resnet.ResNetClassifier(backbone, 512, torch.nn.Linear(512, 3, bias=False)).eval())
 
 
 def test_compiled_embedding_matches_eager_and_compiles_once():
@@ -253,16 +256,16 @@ def test_compiled_embedding_matches_eager_and_compiles_once():
     model = tiny_resnet_classifier()
     images = np.random.default_rng(0).integers(0, 255, (70, 3, 32, 32), dtype=np.uint8)
     cpu = torch.device("cpu")
-    eager = common.embed_images(model, images, cpu, None, batch_size=32, progress=False)
+    eager = embed_images(model, images, cpu, None, batch_size=32, progress=False)
     # A second graph would fall back to eager. (Not monkeypatch: undoing it deletes the setting from torch's config.)
-    with torch._dynamo.config.patch(error_on_recompile=True), common.CompiledEmbed(model) as compiled:
-        first = common.embed_images(model, images, cpu, None, batch_size=32, progress=False, compiled=compiled)
-        second = common.embed_images(model, images[:5], cpu, None, batch_size=32, progress=False, compiled=compiled)
+    with torch._dynamo.config.patch(error_on_recompile=True), accel.CompiledEmbed(model) as compiled:
+        first = embed_images(model, images, cpu, None, batch_size=32, progress=False, compiled=compiled)
+        second = embed_images(model, images[:5], cpu, None, batch_size=32, progress=False, compiled=compiled)
         assert compiled.fn is not compiled.eager, "compiling failed (is there a C++ compiler?) or compiled twice"
     np.testing.assert_allclose(first, eager, atol=1e-4)
     np.testing.assert_allclose(second, eager[:5], atol=1e-4)
     assert first.shape == (70, 512)
-    assert common.worth_compiling(5_000, 224) and not common.worth_compiling(8_121, 64)
+    assert embed.worth_compiling(5_000, 224) and not embed.worth_compiling(8_121, 64)
 
 
 def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monkeypatch, capsys):
@@ -272,29 +275,29 @@ def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monke
     model = tiny_resnet_classifier()
     images = np.random.default_rng(2).integers(0, 255, (40, 3, 32, 32), dtype=np.uint8)
     cpu = torch.device("cpu")
-    eager = common.embed_images(model, images, cpu, None, batch_size=16, progress=False)
-    with common.job_embed(model, [images], cpu, None, 16) as compiled:
+    eager = embed_images(model, images, cpu, None, batch_size=16, progress=False)
+    with embed.job_embed(model, [images], cpu, None, 16) as compiled:
         assert compiled is None  # 40 photos of 32 px: not worth compiling
-    monkeypatch.setattr(common, "COMPILE_FROM_224PX_IMAGES", 0)
-    monkeypatch.setattr(common, "INT8_FROM_224PX_IMAGES", 0)
-    monkeypatch.setattr(common, "cpu_supports_int8", lambda: True)
-    assert common.worth_int8(model, 40, 32, cpu) and not common.worth_int8(model, 40, 32, torch.device("cuda"))
-    assert not common.worth_int8(vae.VAEClassifier, 40, 32, cpu)  # its int8 encoder was no faster: it stays bf16
-    with common.job_embed(model, [images[:30], images[30:]], cpu, None, 16) as compiled:
-        assert not isinstance(compiled, common.CompiledEmbed), "no int8 graph"
-        quantized = np.concatenate([common.embed_images(model, part, cpu, None, 16, progress=False, compiled=compiled)
+    monkeypatch.setattr(embed, "COMPILE_FROM_224PX_IMAGES", 0)
+    monkeypatch.setattr(accel, "INT8_FROM_224PX_IMAGES", 0)
+    monkeypatch.setattr(accel, "cpu_supports_int8", lambda: True)
+    assert accel.worth_int8(model, 40, 32, cpu) and not accel.worth_int8(model, 40, 32, torch.device("cuda"))
+    assert not accel.worth_int8(vae.VAEClassifier, 40, 32, cpu)  # its int8 encoder was no faster: it stays bf16
+    with embed.job_embed(model, [images[:30], images[30:]], cpu, None, 16) as compiled:
+        assert not isinstance(compiled, accel.CompiledEmbed), "no int8 graph"
+        quantized = np.concatenate([embed_images(model, part, cpu, None, 16, progress=False, compiled=compiled)
                                     for part in (images[:30], images[30:])])
     cosines = np.sum(quantized * eager, axis=1)
-    assert np.all(cosines > common.INT8_MIN_COSINE) and np.any(cosines < 0.99999), cosines  # int8: close, not equal
+    assert np.all(cosines > accel.INT8_MIN_COSINE) and np.any(cosines < 0.99999), cosines  # int8: close, not equal
     assert "through an int8 graph" in capsys.readouterr().out
-    with common.job_embed(model, [images], cpu, None, 16, int8=False) as compiled:  # --precision bf16, --no-int8
-        assert isinstance(compiled, common.CompiledEmbed)
+    with embed.job_embed(model, [images], cpu, None, 16, int8=False) as compiled:  # --precision bf16, --no-int8
+        assert isinstance(compiled, accel.CompiledEmbed)
 
     def refused(*args):  # as torchao refused ResNets before fold_batchnorm split their ReLUs
         raise ValueError("Input partition has more than one output node")
-    monkeypatch.setattr(common, "quantize_int8", refused)
-    with common.job_embed(model, [images], cpu, None, 16) as compiled:
-        assert isinstance(compiled, common.CompiledEmbed)
+    monkeypatch.setattr(accel, "quantize_int8", refused)
+    with embed.job_embed(model, [images], cpu, None, 16) as compiled:
+        assert isinstance(compiled, accel.CompiledEmbed)
     assert "int8 embedding skipped: ValueError" in capsys.readouterr().out
 
 
@@ -308,9 +311,9 @@ def test_compile_failure_falls_back_to_the_eager_model(monkeypatch, capsys):
     images = np.random.default_rng(1).integers(0, 255, (6, 3, 32, 32), dtype=np.uint8)
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "compile", broken)
-    with common.CompiledEmbed(model) as compiled:
-        out = common.embed_images(model, images, cpu, None, batch_size=4, progress=False, compiled=compiled)
-    np.testing.assert_allclose(out, common.embed_images(model, images, cpu, None, progress=False), atol=1e-6)
+    with accel.CompiledEmbed(model) as compiled:
+        out = embed_images(model, images, cpu, None, batch_size=4, progress=False, compiled=compiled)
+    np.testing.assert_allclose(out, embed_images(model, images, cpu, None, progress=False), atol=1e-6)
     assert capsys.readouterr().err.count("torch.compile failed") == 1  # said once, then eager for every batch
 
 

@@ -1,0 +1,176 @@
+"""Datasets: the hub data, processed splits, users' own catalogs, row metadata, and the uint8 image cache that
+lets no epoch decode a JPEG twice."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fashion_search.errors import UserError
+from fashion_search.files import atomic_save_npy
+from fashion_search.images import decode_square
+
+HUB_DATASET = "ashraq/fashion-product-images-small"
+SPLITS = ("train", "val", "test")
+# Metadata kept row-aligned with every embeddings/<split>.npy.
+META_COLUMNS = ("id", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
+                "season", "usage", "year", "productDisplayName")
+
+
+def is_saved_dataset(path) -> bool:
+    path = Path(path)
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def load_raw_dataset(spec: str):
+    """A hub name, a local folder in the hub layout, or a ``save_to_disk`` folder -> datasets object.
+    Offline with a hub name: UserError naming the dataset and --dataset/--data."""
+    import datasets
+
+    if Path(spec).is_dir():
+        if is_saved_dataset(spec):
+            return datasets.load_from_disk(spec)
+        try:
+            return datasets.load_dataset(spec, split="train")
+        except ValueError as exc:  # datasets' words for a folder whose files hold no rows
+            if "corresponds to no data" in str(exc):
+                raise UserError(f"dataset {spec!r} has no rows: nothing to embed") from None
+            raise UserError(f"cannot read dataset {spec!r} ({str(exc)[:200]})") from None
+    if Path(spec).exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+        raise UserError(f"dataset {spec!r} is neither a folder nor a hub name (owner/name)")
+    try:
+        return datasets.load_dataset(spec, split="train")
+    except (ConnectionError, OSError) as exc:
+        raise UserError(f"cannot load dataset {spec!r} from the Hugging Face hub ({type(exc).__name__}); "
+                        f"offline, pass a local copy with --dataset PATH (a hub-layout or save_to_disk folder)") from None
+
+
+def catalog_splits(spec: str) -> dict:
+    """A dataset to embed as a catalog (a hub name, a hub-layout or processed folder, or a folder of image files) as
+    {split name: dataset}; one without splits is one split named 'all'. It must have an ``image`` column and rows;
+    an ``id`` column is made from the file names where there is none (or from row numbers)."""
+    from datasets import Image as ImageFeature
+
+    data = load_raw_dataset(spec)
+    splits = dict(data) if hasattr(data, "keys") else {"all": data}
+    for name, split in splits.items():
+        if "image" not in split.column_names:
+            raise UserError(f"dataset {spec!r} has no 'image' column (columns: {', '.join(split.column_names)}): "
+                            f"a catalog needs its photos")
+        if "id" not in split.column_names:
+            cells = split.cast_column("image", ImageFeature(decode=False))["image"]
+            stems = [Path(cell["path"]).stem if cell.get("path") else "" for cell in cells]
+            if not all(stems) or len(set(stems)) < len(stems):  # no file names, or the same name twice
+                stems = [f"{name}-{row}" for row in range(len(split))]
+            ids = [int(stem) for stem in stems] if all(stem.isdigit() for stem in stems) else stems
+            splits[name] = split.add_column("id", ids)
+    if not sum(len(split) for split in splits.values()):
+        raise UserError(f"dataset {spec!r} has no rows: nothing to embed")
+    return splits
+
+
+def dataset_name(spec: str) -> str:
+    """A short name for a dataset given as a hub name or a folder: its last path part."""
+    return Path(str(spec).rstrip("/")).name or "dataset"
+
+
+def load_processed(data_dir):
+    """The output of data_preparation.py: (DatasetDict with train/val/test, label_map dict)."""
+    import datasets
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "label_map.json").exists() or not is_saved_dataset(data_dir):
+        raise UserError(f"{data_dir} is not a processed dataset (no label_map.json / dataset_dict.json); "
+                        f"run: python data_preparation.py --output-dir {data_dir}")
+    label_map = json.loads((data_dir / "label_map.json").read_text())
+    return datasets.load_from_disk(str(data_dir)), label_map
+
+
+def metadata_frame(split_ds, split_name: str):
+    """Row-aligned metadata of a split (no images) as a pandas DataFrame."""
+    columns = [c for c in META_COLUMNS + ("label",) if c in split_ds.column_names]
+    frame = split_ds.select_columns(columns).to_pandas()
+    frame.insert(0, "row", np.arange(len(frame)))
+    frame.insert(1, "split", split_name)
+    return frame
+
+
+def cell_bytes(cell) -> bytes:
+    """The encoded image of a datasets Image cell read with decode=False: inline bytes, or the file they point to."""
+    return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+
+
+def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image of a split once, resized to size x size, into a uint8 [N, 3, S, S] .npy that is
+    memory-mapped afterwards, so that no epoch decodes a JPEG twice. Returns (images, ok) where ok[i] is
+    False for rows whose image could not be decoded (their pixels are zero; callers skip them)."""
+    from datasets import Image as ImageFeature
+
+    key = f"{split_ds._fingerprint}-{len(split_ds)}-{size}"
+    cache_dir = Path(cache_dir)
+    images_path, ok_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.ok.npy"
+    if images_path.exists() and ok_path.exists():
+        return np.load(images_path, mmap_mode="r"), np.load(ok_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    raw = split_ds.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".npy")
+    os.close(fd)
+    try:
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(raw), 3, size, size))
+        ok = np.ones(len(raw), dtype=bool)
+        for start in tqdm(range(0, len(raw), 512), desc=f"decode {size}px", unit="batch", leave=False, disable=None):
+            for offset, cell in enumerate(raw[start:start + 512]["image"]):
+                try:
+                    images[start + offset] = decode_square(cell_bytes(cell), size)
+                except (ValueError, OSError, TypeError, AttributeError):
+                    ok[start + offset] = False
+        images.flush()
+        del images
+        atomic_save_npy(ok_path, ok)
+        os.replace(tmp, images_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return np.load(images_path, mmap_mode="r"), ok
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Rows of one split over the uint8 cache (a torch Dataset). ``__getitems__`` fetches a whole batch with one fancy index,
+    so a DataLoader batch costs one memory copy, not B Python calls."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices):
+        indices = np.asarray(indices)
+        order = np.argsort(indices, kind="stable")  # sorted reads are faster on a memmap
+        batch = np.empty((len(indices),) + self.images.shape[1:], dtype=np.uint8)
+        batch[order] = self.images[indices[order]]
+        # images: uint8 [B, 3, S, S]; labels: int64 [B]; rows: int64 [B]
+        return torch.from_numpy(batch), torch.from_numpy(self.labels[indices]), torch.from_numpy(indices)
+
+
+def split_rows(split_ds, args, label_column="label"):
+    """(ImageRows, metadata, ok) for a split, after --limit; rows whose image fails to decode are dropped."""
+    if args.limit:
+        split_ds = split_ds.select(range(min(args.limit, len(split_ds))))
+    images, ok = image_cache(split_ds, args.image_size, args.cache_dir)
+    labels = np.asarray(split_ds[label_column]) if label_column in split_ds.column_names else np.full(len(split_ds), -1)
+    if not ok.all():
+        keep = np.flatnonzero(ok)
+        print(f"skipped {len(ok) - len(keep)} rows whose image could not be decoded")
+        return ImageRows(images[keep], labels[keep]), split_ds.select(keep), ok
+    return ImageRows(images, labels), split_ds, ok

@@ -1,0 +1,65 @@
+"""Embedding whole splits or catalogs as batch jobs: eager for a small job, a compiled graph for a big one, an int8
+graph for a very big one on a CPU with int8 units (fashion_search.accel, imported only then)."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from fashion_search.data import metadata_frame, split_rows
+from fashion_search.inference import embed_images
+from fashion_search.runs import write_embeddings
+
+
+# A whole catalog is worth compiling (Inductor, weights frozen into the graph) once the compile is paid off: from a
+# few thousand 224 px images (BENCHMARKS.md, section 1). A 64 px image costs ~12x less than a 224 px one, hence the
+# budget in 224 px equivalents.
+COMPILE_FROM_224PX_IMAGES = 5_000
+
+
+def worth_compiling(images: int, image_size: int) -> bool:
+    return images * (image_size / 224) ** 2 >= COMPILE_FROM_224PX_IMAGES
+
+
+@contextlib.contextmanager
+def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, int8=True):
+    """What a batch job over ``image_sets`` (uint8 [N, 3, S, S] each) passes to embed_images as ``compiled``: None
+    (eager) for a small job, a CompiledEmbed for a big one, and for a very big one on a CPU with int8 matrix units
+    (unless ``int8`` is False) an int8 graph calibrated on its first batch, when it agrees with the model. Every graph
+    is dropped at exit."""
+    from fashion_search.accel import CompiledEmbed, int8_embed_graph, worth_int8
+
+    total = sum(len(images) for images in image_sets)
+    size = image_sets[0].shape[-1] if image_sets else 0
+    if not worth_compiling(total, size):
+        yield None
+        return
+    first = next((images for images in image_sets if len(images) >= batch_size), None)
+    graph = None
+    if int8 and first is not None and worth_int8(model, total, size, device):
+        graph = int8_embed_graph(model, first[:batch_size], batch_size, device, dtype)
+        if graph is not None:
+            print(f"embedding {total:,} photos through an int8 graph (calibrated on the first {batch_size})")
+    try:
+        yield graph if graph is not None else CompiledEmbed(model)
+    finally:
+        torch.compiler.reset()
+
+
+def embed_splits(model, splits: dict, run_dir, args, runtime) -> str:
+    """Write embeddings/<split>.npy + .parquet for every split with ``model`` (an EmbeddingModel); returns the
+    precision they were computed in (int8, bfloat16, float16 or float32), which metrics.json records."""
+    model = model.for_inference()
+    prepared = {split: split_rows(split_ds, args)[:2] for split, split_ds in splits.items()}
+    image_sets = [rows.images for rows, _ in prepared.values()]
+    with job_embed(model, image_sets, runtime.device, runtime.dtype, args.eval_batch_size,
+                   int8=args.precision == "auto") as compiled:  # one graph for every split
+        for split, (rows, split_ds) in prepared.items():
+            embeddings = embed_images(model, rows.images, runtime.device, runtime.dtype, args.eval_batch_size,
+                                      f"embed {split}", compiled=compiled)
+            write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split))
+    from fashion_search.accel import CompiledEmbed
+
+    int8 = compiled is not None and not isinstance(compiled, CompiledEmbed)  # job_embed yields nothing else
+    return "int8" if int8 else runtime.precision_name

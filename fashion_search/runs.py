@@ -1,0 +1,77 @@
+"""The run folder every model script writes and evaluation.py and app.py read: args.json, log.jsonl, last.pt
+(resume), best.pt (the selected model), metrics.json, embeddings/<split>.npy + .parquet. Every file is written
+atomically."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fashion_search import metrics
+from fashion_search.errors import UserError
+from fashion_search.files import atomic_save_npy, atomic_write_json, atomic_write_parquet, atomic_write_text, git_commit
+
+
+class Run:
+    """One output folder: args.json, log.jsonl, last.pt (resume), best.pt (selected model), metrics.json,
+    embeddings/. Every file is written atomically."""
+
+    def __init__(self, output_dir, args, resume=False):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.last, self.best, self.log_path = self.dir / "last.pt", self.dir / "best.pt", self.dir / "log.jsonl"
+        record = {k: v for k, v in vars(args).items()}
+        record["git_commit"] = git_commit()
+        record["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+        atomic_write_json(self.dir / "args.json", record)
+        if not resume:
+            for stale in (self.last, self.best, self.log_path, self.dir / "metrics.json"):
+                stale.unlink(missing_ok=True)
+
+    def trim_log(self, epochs: int):
+        if self.log_path.exists():
+            lines = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["epoch"] <= epochs]
+            atomic_write_text(self.log_path, "".join(line + "\n" for line in lines))
+
+    def log(self, record: dict):
+        # Append one line; the previous lines stay intact even if this process dies mid-write.
+        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+        atomic_write_text(self.log_path, "\n".join(lines + [json.dumps(record)]) + "\n")
+
+
+def write_embeddings(run_dir, split: str, embeddings: np.ndarray, metadata):
+    """embeddings/<split>.npy (float32, L2-normalised, [rows, dim]) and the row-aligned .parquet."""
+    if len(embeddings) != len(metadata):
+        raise ValueError(f"{split}: {len(embeddings)} embeddings but {len(metadata)} metadata rows")
+    folder = Path(run_dir) / "embeddings"
+    atomic_save_npy(folder / f"{split}.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
+    atomic_write_parquet(folder / f"{split}.parquet", metadata.reset_index(drop=True))
+
+
+def load_split(run_dir, split):
+    """(embeddings [N, D] float32, metadata DataFrame) of one split of a run, checked for consistency."""
+    import pandas as pd
+    npy, parquet = Path(run_dir) / "embeddings" / f"{split}.npy", Path(run_dir) / "embeddings" / f"{split}.parquet"
+    missing = [str(p) for p in (npy, parquet) if not p.exists()]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (is {run_dir} a finished run?)")
+    embeddings, metadata = np.load(npy), pd.read_parquet(parquet)
+    if embeddings.ndim != 2 or len(embeddings) != len(metadata):
+        raise UserError(f"{npy} has shape {embeddings.shape} but {parquet} has {len(metadata)} rows")
+    return embeddings.astype(np.float32, copy=False), metadata
+
+
+def evaluate_run(run_dir, query_split="test", gallery_split="train") -> dict:
+    """metrics.json content of a run: query/gallery metrics, plus leave-one-out within the query split."""
+    queries, query_meta = load_split(run_dir, query_split)
+    gallery, gallery_meta = load_split(run_dir, gallery_split)
+    if queries.shape[1] != gallery.shape[1]:
+        raise UserError(f"{run_dir}: {query_split} embeddings have dimension {queries.shape[1]} but "
+                        f"{gallery_split} ones {gallery.shape[1]}")
+    result = {"protocol": f"query/gallery ({query_split} -> {gallery_split})",
+              **metrics.evaluate(queries, query_meta["label"], gallery, gallery_meta["label"])}
+    loo = metrics.evaluate(queries, query_meta["label"], queries, query_meta["label"], exclude_self=True)
+    result["leave_one_out"] = {"protocol": f"leave-one-out within {query_split}", **loo}
+    return result

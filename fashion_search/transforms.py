@@ -1,0 +1,30 @@
+"""Batch transforms on the training device: uint8 -> normalised float, and the augmentation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize(images_uint8: torch.Tensor, mean, std, device, channels_last=False) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S] on ``device`` (the copy travels as uint8: 4x less)."""
+    images = images_uint8.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    images = (images - mean) / std
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and random zoom-in (scale 0.8-1) with shift, on a float batch [B, 3, S, S],
+    in one grid_sample so that it runs on the training device."""
+    batch = images.shape[0]
+    rand = torch.rand(batch, 4, generator=generator).to(images.device)
+    scale = 0.8 + 0.2 * rand[:, 0]
+    flip = torch.where(rand[:, 1] < 0.5, -1.0, 1.0)
+    shift_x = (rand[:, 2] * 2 - 1) * (1 - scale)
+    shift_y = (rand[:, 3] * 2 - 1) * (1 - scale)
+    theta = torch.zeros(batch, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
+    theta[:, 0, 2], theta[:, 1, 2] = shift_x, shift_y
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
