@@ -10,13 +10,14 @@ import argparse
 import threading
 from pathlib import Path
 
+from fashion_search import calibration
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.runtime import device_arg
 from fashion_search.serving.catalog import ANY, calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
 from fashion_search.serving.errors import Busy, QueryError
-from fashion_search.serving.service import SearchService
+from fashion_search.serving.service import MIN_CONFIDENCE, SearchService
 
 # Requests waiting at once, per route family, beyond which a request is refused ("busy, try again") rather than
 # queued without limit: enough for a burst from many clients, small enough that each waits seconds, not minutes.
@@ -26,27 +27,63 @@ RETRY_AFTER_SECONDS = 1
 CACHE_CLEANING = (600, 3600)
 
 
-def build_page(service: SearchService, notice: str = ""):
+def guarded(fn):
+    """``fn`` with a refused query shown on the page (and raised to API clients) as its message."""
     import gradio as gr
 
-    def guarded(fn):
-        def call(*args):
-            try:
-                return fn(*args)
-            except QueryError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-        call.__name__ = fn.__name__
-        return call
+    def call(*args):
+        try:
+            return fn(*args)
+        except QueryError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+    call.__name__ = fn.__name__
+    return call
 
-    def safe_preprocess(preprocess):
-        """An upload Pillow cannot open becomes the same clear message as any other bad image. (Wrapping the
-        instance's method rather than subclassing gr.Image: Gradio writes a .pyi stub beside every subclass.)"""
-        def call(payload):
-            try:
-                return preprocess(payload)
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is the user's file, not the server
-                raise gr.Error(f"not a readable image ({type(exc).__name__})", print_exception=False) from None
-        return call
+
+def safe_preprocess(preprocess):
+    """An upload Pillow cannot open becomes the same clear message as any other bad image. (Wrapping the instance's
+    method rather than subclassing gr.Image: Gradio writes a .pyi stub beside every subclass.)"""
+    import gradio as gr
+
+    def call(payload):
+        try:
+            return preprocess(payload)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is the user's file, not the server
+            raise gr.Error(f"not a readable image ({type(exc).__name__})", print_exception=False) from None
+    return call
+
+
+def query_tabs(service: SearchService):
+    """The photo, URL and text tabs: [(event, search function, input, API name or None)]."""
+    import gradio as gr
+
+    with gr.Tabs():
+        with gr.Tab("Photo"):
+            image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
+            image.preprocess = safe_preprocess(image.preprocess)
+            image_button = gr.Button("Search by photo", variant="primary")
+        with gr.Tab("Image URL"):
+            url = gr.Textbox(label="image URL", placeholder="https://...")
+            url_button = gr.Button("Search by URL", variant="primary")
+        with gr.Tab("Text"):
+            if service.encoder.text_search:
+                text = gr.Textbox(label="description", placeholder="navy blue men's shirt")
+                text_button = gr.Button("Search by text", variant="primary")
+            else:
+                gr.Markdown(f"Text search is off: {service.encoder.text_search_why}")
+    routes = [(image_button.click, service.search_image_file, image, "search_image"),
+              (image.upload, service.search_image_file, image, None),
+              (url_button.click, service.search_url, url, "search_url"),
+              (url.submit, service.search_url, url, None)]
+    if service.encoder.text_search:
+        return routes + [(text_button.click, service.search_text, text, "search_text"),
+                         (text.submit, service.search_text, text, None)]
+    text = gr.Textbox(visible=False)  # the API answers why, rather than not knowing the route
+    return routes + [(text.submit, service.search_text, text, "search_text")]
+
+
+def build_page(service: SearchService, notice: str = ""):
+    import gradio as gr
 
     catalog = service.catalog
     with gr.Blocks(title="Fashion similarity search", delete_cache=CACHE_CLEANING) as page:
@@ -57,41 +94,19 @@ def build_page(service: SearchService, notice: str = ""):
             # route alike (Gradio's own check would log a traceback per request)
             filters = [gr.Dropdown(catalog.choices(column), value=ANY, label=column, allow_custom_value=True)
                        for column in service.filter_columns]
-        with gr.Tabs():
-            with gr.Tab("Photo"):
-                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
-                image.preprocess = safe_preprocess(image.preprocess)
-                image_button = gr.Button("Search by photo", variant="primary")
-            with gr.Tab("Image URL"):
-                url = gr.Textbox(label="image URL", placeholder="https://...")
-                url_button = gr.Button("Search by URL", variant="primary")
-            with gr.Tab("Text"):
-                if service.encoder.text_search:
-                    text = gr.Textbox(label="description", placeholder="navy blue men's shirt")
-                    text_button = gr.Button("Search by text", variant="primary")
-                else:
-                    gr.Markdown(f"Text search is off: {service.encoder.text_search_why}")
+        routes = query_tabs(service)
         gallery = gr.Gallery(label="top 5, best first (click one to search by it)", columns=5, height="auto",
                              allow_preview=False, elem_id="results-gallery")
+        details = gr.Markdown(elem_id="results-details")  # each result in full, and "no close match"
         results = gr.JSON(label="results")
         item_id = gr.Textbox(visible=False)  # ids are numbers or, for a folder of photos, file names
-
-        routes = [(image_button.click, service.search_image_file, image, "search_image"),
-                  (image.upload, service.search_image_file, image, None),
-                  (url_button.click, service.search_url, url, "search_url"),
-                  (url.submit, service.search_url, url, None)]
-        if service.encoder.text_search:
-            routes += [(text_button.click, service.search_text, text, "search_text"),
-                       (text.submit, service.search_text, text, None)]
-        else:  # the API answers why, rather than not knowing the route
-            text = gr.Textbox(visible=False)
-            routes.append((text.submit, service.search_text, text, "search_text"))
         for trigger, fn, source, name in routes:
             trigger(guarded(fn), [source, *filters], results, api_name=name,
                     api_visibility="public" if name else "private")
         # The gallery is drawn on the page's own 'change' of the results, so API calls (which return only the
         # records) never pay for decoding and re-encoding five photos.
         results.change(guarded(service.gallery), results, gallery, api_visibility="private")
+        results.change(service.describe, results, details, api_visibility="private")
 
         def clicked(current, selection):
             return current[selection.index]["id"]
@@ -146,17 +161,21 @@ def parse_args(argv=None):
     parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--cache-dir", default="data/cache")
     parser.add_argument("--max-upload-mb", type=int, default=10)
+    parser.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE,
+                        help="a result whose calibrated confidence (the chance that it shares the query's article type, "
+                        "from the run's calibration.json) is below this is not a close match; when no result reaches "
+                        "it, the page says so and the JSON API answers close_match false")
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="let URL queries reach private/loopback addresses: for local testing only")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the photo query path in the background at start (~45-65 s on 2 CPU cores; "
-                        "until then queries run eager): a lone photo query then runs 1.35-1.9x faster, 8 concurrent "
-                        "ones ~1.1x")
+                        help="compile the photo query path in the background at start (about a minute on a "
+                        "small CPU; until then queries run eager): photo queries then run faster (BENCHMARKS.md, "
+                        "section 3)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                         help="with --compile, run batches of 8 concurrent photo queries through an int8 graph "
-                        f"calibrated on {INT8_CALIBRATION_PHOTOS} catalog photos (needs torchao): 8 clients got 1.15-1.45x "
-                        "the requests/s on a CPU with int8 matrix units; not used if it disagrees with the bf16 model. "
-                        "Also embeds a catalog of 20k+ photos in int8 (--no-int8: bf16)")
+                        f"calibrated on {INT8_CALIBRATION_PHOTOS} catalog photos (needs torchao and a CPU with int8 "
+                        "matrix units); not used if it disagrees with the bf16 model. Also embeds a catalog of 20k+ "
+                        "photos in int8 (--no-int8: bf16)")
     return parser.parse_args(argv)
 
 
@@ -165,7 +184,8 @@ def load_service(args) -> tuple[SearchService, str]:
     if (run / "hf_model" / "config.json").exists():
         encoder = Encoder(str(run / "hf_model"), args.device, args.int8)
         catalog = catalog_from_run(run, encoder, args.dataset, args.cache_dir)
-        return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls), ""
+        return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls,
+                             calibration.load(run), args.min_confidence), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {args.model} "
               f"zero-shot.")
     print(notice)
@@ -183,8 +203,8 @@ def load_service(args) -> tuple[SearchService, str]:
 
 def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
     """Plain HTTP + JSON routes beside the page, for programs that need speed: one request, no upload step, no
-    queue, no event stream. Through gradio_client a query costs ~90-150 ms of client and Gradio overhead on 2 cores
-    even when no model runs (BENCHMARKS.md, section 3); here it costs the model and little else.
+    queue, no event stream. Through gradio_client a query pays the client's and Gradio's own protocol even when no
+    model runs (BENCHMARKS.md, section 3); here it costs the model and little else.
 
         POST /api/search_image?gender=..&masterCategory=..&articleType=..   body: the image file's bytes
         GET  /api/search_text?q=navy+shirt&gender=..                        (also /api/search_url?url=..)
@@ -208,7 +228,9 @@ def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
             return error(Busy("busy, try again in a moment"))
         pending[0] += 1
         try:  # the search runs in a worker thread: concurrent requests meet in the MicroBatcher
-            return JSONResponse({"results": await run_in_threadpool(search, *first, *filters)})
+            results = await run_in_threadpool(search, *first, *filters)
+            close = service.close_match(results)
+            return JSONResponse({"results": results} if close is None else {"results": results, "close_match": close})
         except QueryError as exc:
             return error(exc)
         finally:
@@ -256,7 +278,7 @@ def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=
 def main(argv=None):
     args = parse_args(argv)
     service, notice = load_service(args)
-    if args.compile:  # serve at once, eager, and switch to the compiled graphs when they are ready (~45-65 s)
+    if args.compile:  # serve at once, eager, and switch to the compiled graphs when they are ready
         def compile_queries():
             calibration = calibration_photos(service.catalog, service.encoder.image_size) if args.int8 else None
             service.encoder.compile_queries(calibration)

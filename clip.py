@@ -6,13 +6,15 @@ Usage: python clip.py [--from-scratch --image-size 64] [--output-dir runs/clip]
 """
 import argparse
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from fashion_search import backbones, heads, pipeline
-from fashion_search.data import load_processed
+from fashion_search.data import SPLITS, load_processed
 from fashion_search.errors import cli
-from fashion_search.files import atomic_write_json
+from fashion_search.files import atomic_save_npy, atomic_write_json
 from fashion_search.model import EmbeddingModel
 from fashion_search.runtime import positive_int
 
@@ -104,14 +106,36 @@ def export(model, tokenizer, image_size, folder, text_tower: dict):
     atomic_write_json(folder / "text_tower.json", text_tower)
 
 
-def train_name_tokens(args, tokenizer):
-    """The productDisplayName of every training row, tokenized: input_ids and attention_mask [N, L]."""
-    dataset, _ = load_processed(args.data)
-    names = dataset["train"]["productDisplayName"][:args.limit or None]
-    # Names end with the article type ("Turtle Check Men Navy Blue Shirt"): cut long ones from the left.
+def name_tokens(tokenizer, names, max_length):
+    """Product names tokenized: input_ids and attention_mask [N, L]. Names end with the article type ("Turtle Check
+    Men Navy Blue Shirt"), so long ones are cut from the left."""
     tokenizer.truncation_side = "left"
-    return tokenizer([name or "" for name in names], padding="max_length", truncation=True,
-                     max_length=args.max_text_length, return_tensors="pt")
+    return tokenizer([name or "" for name in names], padding="max_length", truncation=True, max_length=max_length,
+                     return_tensors="pt")
+
+
+def train_name_tokens(args, tokenizer):
+    """The productDisplayName of every training row, tokenized."""
+    dataset, _ = load_processed(args.data)
+    return name_tokens(tokenizer, dataset["train"]["productDisplayName"][:args.limit or None], args.max_text_length)
+
+
+@torch.inference_mode()
+def export_text_embeddings(model, tokenizer, run_dir, args, runtime, batch_size=256):
+    """embeddings/text_<split>.npy: each product's name through the text tower, L2-normalised and row-aligned with
+    <split>.parquet, for evaluation's text-to-image protocol."""
+    model.eval()
+    for split in SPLITS:
+        names = pd.read_parquet(run_dir / "embeddings" / f"{split}.parquet", columns=["productDisplayName"])
+        tokens = name_tokens(tokenizer, names["productDisplayName"].tolist(), args.max_text_length)
+        chunks = []
+        for start in range(0, len(names), batch_size):
+            with runtime.autocast():
+                features = backbones.clip_text_features(
+                    model.clip, tokens["input_ids"][start:start + batch_size].to(runtime.device),
+                    tokens["attention_mask"][start:start + batch_size].to(runtime.device))
+            chunks.append(F.normalize(features.float(), dim=1).cpu())
+        atomic_save_npy(run_dir / "embeddings" / f"text_{split}.npy", torch.cat(chunks).numpy().astype(np.float32))
 
 
 def main(argv=None):
@@ -134,9 +158,13 @@ def main(argv=None):
             loss = loss + args.text_loss_weight * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         return loss
 
-    return pipeline.train_and_export(args, runtime, "clip", build_model, loss_fn,
-                                   export=lambda model, run_dir: export(model, tokenizer, args.image_size,
-                                                                       run_dir / "hf_model", text_tower_record(args)))
+    def export_all(model, run_dir):
+        text_tower = text_tower_record(args)
+        export(model, tokenizer, args.image_size, run_dir / "hf_model", text_tower)
+        if text_tower["usable"]:
+            export_text_embeddings(model, tokenizer, run_dir, args, runtime)
+
+    return pipeline.train_and_export(args, runtime, "clip", build_model, loss_fn, export=export_all)
 
 
 if __name__ == "__main__":

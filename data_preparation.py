@@ -85,17 +85,47 @@ def save_atomically(dataset_dict, output_dir: Path):
         raise
 
 
-def main(argv=None):
+def load_source(args):
+    """The source rows as one dataset, checked for the columns preparation needs."""
     import datasets
 
-    args = parse_args(argv)
     dataset = load_raw_dataset(args.dataset)
     if isinstance(dataset, datasets.DatasetDict):  # a save_to_disk folder of splits: prepare all rows again
         dataset = datasets.concatenate_datasets([dataset[s] for s in dataset])
     for column in (args.label_column, "image", "id"):
         if column not in dataset.column_names:
             raise UserError(f"{args.dataset} has no column {column!r} (columns: {', '.join(dataset.column_names)})")
-    dataset = dataset.remove_columns([c for c in ("label",) if c in dataset.column_names])
+    return dataset.remove_columns([c for c in ("label",) if c in dataset.column_names])
+
+
+def publish(saved: Path, tmp, output_dir: Path):
+    """Put the finished folder in place of the old one (if any), never leaving a half-written one there."""
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        output_dir.rename(old)
+        saved.rename(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        saved.rename(output_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_summary(rows, train_only, output_dir: Path):
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'':<{width}} | count |\n|{'-' * (width + 2)}|------:|")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value:>5} |")
+    if train_only:
+        print(f"train-only classes: {', '.join(train_only)}")
+    print(f"saved to {output_dir} (label map: {output_dir / 'label_map.json'})")
+
+
+def main(argv=None):
+    import datasets
+
+    args = parse_args(argv)
+    dataset = load_source(args)
     total = len(dataset)
 
     keep = decodable_rows(dataset)
@@ -134,29 +164,20 @@ def main(argv=None):
                     "small_classes": {label: counts[label] for label in sorted(small)}},
         "train_only_classes": train_only,
     })
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        output_dir.rename(old)
-        saved.rename(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        saved.rename(output_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
+    publish(saved, tmp, output_dir)
 
-    rows = [("rows in source", total), ("dropped: undecodable image", undecodable),
+    rows = [("rows in source", total), ("classes (decodable rows with a label)", len(counts)),
+            ("  of them with 1 row", sum(1 for c in counts.values() if c == 1)),
+            ("  of them with < 10 rows", sum(1 for c in counts.values() if c < 10)),
+            ("dropped: undecodable image", undecodable),
             ("dropped: missing label", int((~has_label).sum())),
             (f"dropped: classes with < {args.min_class_size} rows ({len(small)} classes)", sum(counts[c] for c in small)),
             ("classes kept", len(names)),
-            ("classes too small to stratify, all in train", len(train_only))]
+            ("classes too small to stratify, all in train", len(train_only)),
+            ("classes kept with < 10 rows (in val and test where they could be)",
+             sum(1 for name in names if class_counts[name] < 10))]
     rows += [(f"{split} rows", len(splits[split])) for split in splits]
-    width = max(len(name) for name, _ in rows)
-    print(f"| {'':<{width}} | count |\n|{'-' * (width + 2)}|------:|")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value:>5} |")
-    if train_only:
-        print(f"train-only classes: {', '.join(train_only)}")
-    print(f"saved to {output_dir} (label map: {output_dir / 'label_map.json'})")
+    print_summary(rows, train_only, output_dir)
     return splits
 
 

@@ -5,12 +5,7 @@ The metrics are pure functions in fashion_search.metrics. Two protocols:
   - leave-one-out within one split: every row queries all the others (the query itself excluded), which is how
     the original report measured, kept for comparison with its figures.
 
-Which recall is which:
-  - ``recall@k`` is the original report's recall: relevant items retrieved in the top k / all relevant items in
-    the gallery. With hundreds of same-class items per query and k = 5 it is tiny by construction (at most
-    5 / class size); it is reported for comparison, not as a quality figure.
-  - ``accuracy@k`` is "at least one relevant item in the top k", which the metric-learning literature calls
-    Recall@k. The original report calls it retrieval accuracy.
+Which recall is which (the original report's recall@k, and accuracy@k): fashion_search/metrics.py.
 An item is relevant when its label equals the query's label (labels < 0 mean unknown: never relevant).
 
 Usage: python evaluation.py runs/resnet runs/clip [--baseline pixels]

@@ -8,13 +8,11 @@ Usage: python app.py --model PATH --dataset PATH &   then, once the app has prin
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
 

@@ -1,8 +1,8 @@
 """Embedding throughput, end to end (JPEG bytes in, unit vectors out), per backbone at its input size:
 naive (fp32, the Hugging Face / torchvision preprocessing image by image) against ours (batched draft-mode JPEG
 decode, pre-decoded uint8 tensors, inference_mode, bf16 autocast where the CPU has it, channels_last for CNNs), eager
-compiled (common.CompiledEmbed, what a catalog export uses; the compile time is reported apart), and int8 (what a
-very big catalog job uses on a CPU with int8 matrix units: common.job_embed).
+compiled (accel.CompiledEmbed, what a catalog export uses; the compile time is reported apart), and int8 (what a
+very big catalog job uses on a CPU with int8 matrix units: embed.job_embed).
 Also the machine's measured matmul peak and each model's share of it (FLOPs per image x images/s).
 Random weights from the real configurations: same compute as the pretrained models, no download.
 
@@ -10,7 +10,6 @@ Usage: python benchmarks/embed_throughput.py [--images 256] [--models clip resne
 """
 import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+from fashion_search import accel, backbones, images, inference, runtime
+from fashion_search.model import EmbeddingModel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
 
@@ -77,11 +76,11 @@ def build(name):
         processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
 
         def embed(x):
-            return common.clip_image_features(model, x)
+            return backbones.clip_image_features(model, x)
 
         def naive_preprocess(data):
             return processor(images=Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="pt")["pixel_values"]
-        return model, embed, naive_preprocess, common.CLIP_MEAN, common.CLIP_STD, False
+        return model, embed, naive_preprocess, backbones.CLIP_MEAN, backbones.CLIP_STD, False
     import torchvision
 
     model = torchvision.models.resnet50().eval()
@@ -90,22 +89,25 @@ def build(name):
 
     def naive_preprocess(data):
         return transform(Image.open(io.BytesIO(data)).convert("RGB"))[None]
-    return model, model, naive_preprocess, common.IMAGENET_MEAN, common.IMAGENET_STD, True
+    return model, model, naive_preprocess, backbones.IMAGENET_MEAN, backbones.IMAGENET_STD, True
 
 
-class Wrapped(torch.nn.Module):
-    """The ViT as a .model; the CNN as a .backbone, so that common.fold_batchnorm applies to it. embed() reaches the
+class Wrapped(EmbeddingModel):
+    """The ViT as a .model; the CNN as a .backbone, so that accel.fold_batchnorm applies to it. embed() reaches the
     weights through self, so that a copy of the module (the int8 path exports an fp32 copy) embeds with its own."""
     def __init__(self, model, mean, std, cnn):
         super().__init__()
-        self.mean, self.std, self.cnn = mean, std, cnn
+        self.mean, self.std, self.cnn, self.channels_last = mean, std, cnn, cnn
         if cnn:
             self.backbone = model
         else:
             self.model = model
 
     def embed(self, x):
-        return self.backbone(x) if self.cnn else common.clip_image_features(self.model, x)
+        return self.backbone(x) if self.cnn else backbones.clip_image_features(self.model, x)
+
+    def for_inference(self):  # as every export does: the CNN's BatchNorm folded into its convolutions
+        return accel.fold_batchnorm(self) if self.cnn else self
 
 
 def main(argv=None):
@@ -116,8 +118,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    device = common.resolve_device(args.device)
-    dtype = common.autocast_dtype(device)
+    device = runtime.resolve_device(args.device)
+    dtype = runtime.autocast_dtype(device)
     data = jpegs(args.images)
     fp32_peak, bf16_peak = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, autocast {dtype}")
@@ -140,38 +142,37 @@ def main(argv=None):
             naive = args.naive_images / (time.perf_counter() - started)
         # Ours: batched decode to uint8, then the shared embed_images (inference_mode, autocast, channels_last,
         # and for the CNN BatchNorm folded into the convolutions, as every export does).
-        wrapped = common.fold_batchnorm(Wrapped(model, mean, std, cnn=channels_last))
+        wrapped = Wrapped(model, mean, std, cnn=channels_last).for_inference()
         if name == "clip" and dtype == torch.bfloat16:
             wrapped.to(torch.bfloat16)  # what app.py does: bf16 weights beat autocast for the ViT (not for the CNN)
         if channels_last:
             wrapped.to(memory_format=torch.channels_last)
         def decode_and_embed(blobs, compiled=None):  # -> seconds spent decoding
             started = time.perf_counter()
-            pixels = np.stack([common.decode_square(d, size) for d in blobs])
+            pixels = np.stack([images.decode_square(d, size) for d in blobs])
             decoded = time.perf_counter()
-            common.embed_images(wrapped, pixels, device, dtype, args.batch_size, channels_last=channels_last,
-                                progress=False, compiled=compiled)
+            inference.embed_images(wrapped, pixels, device, dtype, args.batch_size, progress=False, compiled=compiled)
             return decoded - started
 
         decode_and_embed(data[:args.batch_size])  # warm-up at the timed batch size: oneDNN builds kernels per shape
         started = time.perf_counter()
         decode_seconds = decode_and_embed(data)
         eager = len(data) / (time.perf_counter() - started)
-        # What a big catalog job does (common.job_embed): Inductor with frozen weights, compiled once up front.
-        with common.CompiledEmbed(wrapped) as compiled:
+        # What a big catalog job does (embed.job_embed): Inductor with frozen weights, compiled once up front.
+        with accel.CompiledEmbed(wrapped) as compiled:
             started = time.perf_counter()
             decode_and_embed(data[:args.batch_size], compiled)
             compile_seconds = time.perf_counter() - started
             started = time.perf_counter()
             decode_and_embed(data, compiled)
             ours = len(data) / (time.perf_counter() - started)
-        # What a very big catalog job does on a CPU with int8 units (common.job_embed): an int8 graph, calibrated on
+        # What a very big catalog job does on a CPU with int8 units (embed.job_embed): an int8 graph, calibrated on
         # the first batch and checked against the model (setup timed apart, as the compile above).
         int8, int8_setup = None, 0.0
         if device.type == "cpu":
             started = time.perf_counter()
-            first = np.stack([common.decode_square(d, size) for d in data[:args.batch_size]])
-            graph = common.int8_embed_graph(wrapped, first, args.batch_size, device, dtype, channels_last)
+            first = np.stack([images.decode_square(d, size) for d in data[:args.batch_size]])
+            graph = accel.int8_embed_graph(wrapped, first, args.batch_size, device, dtype)
             int8_setup = time.perf_counter() - started
             if graph is not None:
                 started = time.perf_counter()

@@ -3,7 +3,7 @@
 # tasks: one call, well under 8 minutes. Its image has torch, torchvision, transformers, numpy, pillow and tqdm, which
 # is all these need (synthetic JPEGs and batches: ../shared does not travel). Figure 1: embedding throughput, naive
 # vs ours. Figure 4: training steps per second (benchmarks/train_step.py: ResNet-50 and a ViT-B/32 at 224 px, fused
-# vs foreach AdamW), synthetic batches in memory, so without the data loading that common.fit also times.
+# vs foreach AdamW), synthetic batches in memory, so without the data loading that the training loop also times.
 # Not yet run: no session that wrote it was lent a machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."

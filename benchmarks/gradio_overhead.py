@@ -9,8 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_latency import photos  # noqa: E402
+from app_latency import photos
 
 
 def p50(label, fn, calls=30):

@@ -1,13 +1,12 @@
-"""int8 against bf16 for the ViT: static int8 post-training quantisation (common.quantize_int8: PT2E, torchao's
+"""int8 against bf16 for the ViT: static int8 post-training quantisation (accel.quantize_int8: PT2E, torchao's
 X86InductorQuantizer, calibration on product photos, Inductor with frozen weights, bf16 autocast around it) against
-the frozen bf16 graph (common.CompiledEmbed), per batch size, interleaved rounds in one process. With --run, also
+the frozen bf16 graph (accel.CompiledEmbed), per batch size, interleaved rounds in one process. With --run, also
 the retrieval metrics of a trained run (any of the four scripts) both ways (test queries against the train gallery),
 since a speed-up that moves the neighbours is not one.
 
 Usage: python benchmarks/int8_pt2e.py [--model /tmp/clip-b32] [--batch-sizes 1 8 64] [--run runs/from-scratch/clip]
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -15,16 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from embed_throughput import jpegs  # noqa: E402  (product photos of the shared data set, or random ones)
+from fashion_search import accel, backbones, checkpoint, data, errors, images, inference, pipeline, transforms
+from embed_throughput import jpegs  # product photos of the shared data set, or random ones
 
 
 class ImageEmbed(torch.nn.Module):
     """fn(model, pixels) -> embeddings as a module holding the model: torch.export sees its weights as parameters,
     which the quantizer needs (weights a lambda merely captures stay unquantised). .embed is what
-    common.CompiledEmbed calls."""
+    accel.CompiledEmbed calls."""
 
     def __init__(self, model, fn):
         super().__init__()
@@ -65,17 +62,17 @@ def timed(fn, batch, repeats=4) -> float:
 def speed(args):
     from transformers import CLIPModel
 
-    clip = common.load_pretrained(CLIPModel.from_pretrained, args.model, "CLIP model").eval()
+    clip = backbones.load_pretrained(CLIPModel.from_pretrained, args.model, "CLIP model").eval()
     size = clip.config.vision_config.image_size
-    photos = np.stack([common.decode_square(data, size) for data in jpegs(128)])
-    pixels = common.normalize(torch.from_numpy(np.array(photos, order="C")), common.CLIP_MEAN, common.CLIP_STD,
+    photos = np.stack([images.decode_square(data, size) for data in jpegs(128)])
+    pixels = transforms.normalize(torch.from_numpy(np.array(photos, order="C")), backbones.CLIP_MEAN, backbones.CLIP_STD,
                               torch.device("cpu"))
-    exact = run_embed(lambda x: common.clip_image_features(clip, x), pixels, len(pixels))  # fp32 weights, autocast
+    exact = run_embed(lambda x: backbones.clip_image_features(clip, x), pixels, len(pixels))  # fp32 weights, autocast
     clip_bf16 = CLIPModel.from_pretrained(args.model).eval().to(dtype=torch.bfloat16)
-    with common.CompiledEmbed(ImageEmbed(clip_bf16, common.clip_image_features)) as bf16:
+    with accel.CompiledEmbed(ImageEmbed(clip_bf16, backbones.clip_image_features)) as bf16:
         for batch_size in args.batch_sizes:
             calibration = list(pixels[:len(pixels) // batch_size * batch_size].split(batch_size))[:16]
-            int8 = common.quantize_int8(ImageEmbed(clip, common.clip_image_features), calibration, torch.bfloat16)
+            int8 = accel.quantize_int8(ImageEmbed(clip, backbones.clip_image_features), calibration, torch.bfloat16)
             cosines = {name: (run_embed(fn, pixels, batch_size) * exact).sum(1).min() for name, fn in
                        (("bf16", bf16), ("int8", int8))}
             print(f"batch {batch_size}: min cosine to fp32 weights: bf16 {cosines['bf16']:.5f}, "
@@ -89,31 +86,31 @@ def speed(args):
 
 def retrieval(args):
     """The retrieval metrics of a trained run (any model script), embedded as a very big catalog job embeds on this
-    CPU (common.job_embed: an int8 graph calibrated on the job's first batch, common.EMBED_BATCH photos) against bf16 autocast."""
+    CPU (embed.job_embed: an int8 graph calibrated on the job's first batch, inference.EMBED_BATCH photos) against
+    bf16 autocast."""
     import importlib
 
-    import evaluation
+    from fashion_search import metrics
 
     cpu = torch.device("cpu")
-    name = common.checkpoint.load(Path(args.run) / "best.pt")["script"]
-    model, state = common.load_trained(args.run, name, importlib.import_module(name).build_model, cpu)
-    model = common.fold_batchnorm(model.eval())  # as every export does
-    channels_last = name in ("resnet", "siamese")  # as those scripts embed
-    data, _ = common.load_processed(args.data)
-    images = {split: common.image_cache(data[split], state["image_size"], args.cache_dir)[0]
+    name = checkpoint.load(Path(args.run) / "best.pt")["script"]
+    model, state = pipeline.load_trained(args.run, name, importlib.import_module(name).build_model, cpu)
+    model = model.eval().for_inference()  # as every export does
+    dataset, _ = data.load_processed(args.data)
+    images = {split: data.image_cache(dataset[split], state["image_size"], args.cache_dir)[0]
               for split in ("train", "test")}
-    labels = {split: np.array(data[split]["label"]) for split in ("train", "test")}
-    batch = common.EMBED_BATCH
-    int8 = common.int8_embed_graph(model, images["train"][:batch], batch, cpu, torch.bfloat16, channels_last)
+    labels = {split: np.array(dataset[split]["label"]) for split in ("train", "test")}
+    batch = inference.EMBED_BATCH
+    int8 = accel.int8_embed_graph(model, images["train"][:batch], batch, cpu, torch.bfloat16)
     if int8 is None:
         raise SystemExit(f"{name}: no int8 graph (the reason is printed above)")
     for label, compiled in (("bf16 autocast", None), ("int8", int8)):
-        embeddings = {split: common.embed_images(model, images[split], cpu, torch.bfloat16, batch, progress=False,
-                                                 channels_last=channels_last, compiled=compiled)
+        embeddings = {split: inference.embed_images(model, images[split], cpu, torch.bfloat16, batch, progress=False,
+                                                    compiled=compiled)
                       for split in ("train", "test")}
-        metrics = evaluation.evaluate(embeddings["test"], labels["test"], embeddings["train"], labels["train"])
-        print(f"{name} {label}: precision@5 {metrics['precision@5']:.4f}  macro_precision@5 "
-              f"{metrics['macro_precision@5']:.4f}  map@r {metrics['map@r']:.4f}", flush=True)
+        result = metrics.evaluate(embeddings["test"], labels["test"], embeddings["train"], labels["train"])
+        print(f"{name} {label}: precision@5 {result['precision@5']:.4f}  macro_precision@5 "
+              f"{result['macro_precision@5']:.4f}  map@r {result['map@r']:.4f}", flush=True)
 
 
 def main(argv=None):
@@ -136,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    errors.cli(main)

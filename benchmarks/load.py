@@ -16,8 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app_latency import photos  # noqa: E402
+from app_latency import photos
 
 ANY = ("Any", "Any", "Any", "Any")  # gender, masterCategory, articleType, baseColour
 BAD_MESSAGES = ("not a readable image", "refused", "upload a photo", "type a description", "unknown baseColour",

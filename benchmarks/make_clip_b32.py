@@ -4,16 +4,14 @@ save_pretrained folder the app can load with --model: speed measurements without
 Usage: python benchmarks/make_clip_b32.py /tmp/clip-b32
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+from fashion_search import backbones
 
 
 def main(folder):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    tokenizer = common.char_tokenizer()
+    tokenizer = backbones.char_tokenizer()
     config = CLIPConfig(
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=224, patch_size=32),
@@ -23,8 +21,8 @@ def main(folder):
         projection_dim=512)
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"height": 224, "width": 224}, do_center_crop=False, image_mean=list(common.CLIP_MEAN),
-                       image_std=list(common.CLIP_STD)).save_pretrained(folder)
+    CLIPImageProcessor(size={"height": 224, "width": 224}, do_center_crop=False, image_mean=list(backbones.CLIP_MEAN),
+                       image_std=list(backbones.CLIP_STD)).save_pretrained(folder)
     print(f"saved random ViT-B/32 CLIP to {folder}")
 
 

@@ -6,14 +6,11 @@ near-duplicates within a product type). The ratio column compares each index's s
 Usage: python benchmarks/search.py [--sizes 10000 44000 100000 1000000] [--queries 500]
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def clustered(n, dim, clusters, rng, noise=0.35):

@@ -1,25 +1,22 @@
-"""Synthetic training steps (what common.fit does per batch: normalise, augment, bf16 autocast forward and
+"""Synthetic training steps (what fashion_search.training does per batch: normalise, augment, bf16 autocast forward and
 backward, grad clipping, AdamW), with the default multi-tensor ("foreach") AdamW against the fused one the shared
 loop uses, alternated step by step in the same process so that the machine's changing speed hits both alike.
 
 Also the training figure on CUDA (benchmarks/gpu.sh): --device cuda, with ResNet-50 or torchvision's ViT-B/32 (the
 same layer shapes as CLIP's vision tower) at 224 px. Synthetic batches already in memory: the images/s of the step
-alone, without the data loading that common.fit also times.
+alone, without the data loading that the training loop also times.
 
 Usage: python benchmarks/train_step.py [--arch resnet18] [--image-size 64] [--batch-size 128] [--rounds 3]
                                        [--device cpu]
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+from fashion_search import backbones, runtime, transforms
 
 
 def sync(device):
@@ -29,15 +26,15 @@ def sync(device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="resnet18", choices=(*common.RESNET_ARCHS, "vit_b_32"))
+    parser.add_argument("--arch", default="resnet18", choices=(*backbones.RESNET_ARCHS, "vit_b_32"))
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and optimizer")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", type=common.device_arg, default="cpu")
+    parser.add_argument("--device", type=runtime.device_arg, default="cpu")
     args = parser.parse_args(argv)
-    device = common.resolve_device(args.device)
-    dtype = common.autocast_dtype(device)
+    device = runtime.resolve_device(args.device)
+    dtype = runtime.autocast_dtype(device)
     vit = args.arch == "vit_b_32"
     torch.manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
@@ -55,9 +52,9 @@ def main(argv=None):
         net, optimizer = nets[fused], optimizers[fused]
         sync(device)
         step_started = time.perf_counter()
-        batch = common.augment(common.normalize(images, common.IMAGENET_MEAN, common.IMAGENET_STD, device, True),
+        batch = transforms.augment(transforms.normalize(images, backbones.IMAGENET_MEAN, backbones.IMAGENET_STD, device, True),
                                generator)
-        with common.autocast(device, dtype):
+        with runtime.autocast(device, dtype):
             loss = F.cross_entropy(net(batch).float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -42,7 +42,7 @@ class CompiledEmbed:
 
         self.eager = model.embed
         # Compiling happens at the first call, inside this config switch: the switch, not torch.compile(options=
-        # {"freezing": True}), is what freezes (with the option ResNet-50 ran unfrozen: 41.6 img/s; frozen 60.6).
+        # {"freezing": True}), is what freezes (with the option the graph ran unfrozen: BENCHMARKS.md, section 1).
         self.fn = inductor_config.patch(freezing=True)(torch.compile(self.eager, dynamic=False))
 
     def __call__(self, batch):
@@ -69,7 +69,7 @@ def quantize_int8(module: nn.Module, calibration: list[torch.Tensor], dtype: tor
     embed_images will call it) so that it compiles here. The module must own its weights as parameters (weights a
     closure merely captures stay float). The graph takes the calibration batches' shape only: exported with a
     dynamic batch dimension it ran no faster than bf16 (BENCHMARKS.md section 1). It keeps the float module alive
-    (~0.6 GB for a ViT-B/32 tower; Inductor's freezing_discard_parameters freed only 45 MB of it, so it is not used).
+    (BENCHMARKS.md, section 1; Inductor's freezing_discard_parameters freed little of it, so it is not used).
     Raises ImportError without torchao."""
     import warnings
 

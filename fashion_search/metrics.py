@@ -153,3 +153,40 @@ def leave_one_out_precision(embeddings, labels, k=5) -> float:
     """precision@k of every row against all other rows of the same split (used for model selection on val)."""
     _, indices = search(embeddings, embeddings, k, exclude_self=True)
     return precision_at_k(relevance(labels, labels, indices), k)
+
+
+def exact_match_ranks(query_embeddings, target_embeddings) -> np.ndarray:
+    """int [Q]: 0-based rank of target i among all targets for query i (query i's own match is target i), by inner
+    product; an equal score ranks ahead only when its target comes first. Q x Q scores, computed in blocks."""
+    queries = np.ascontiguousarray(query_embeddings, dtype=np.float32)
+    targets = np.ascontiguousarray(target_embeddings, dtype=np.float32)
+    if len(queries) != len(targets):
+        raise ValueError("exact-match ranks need one target per query, in the same order")
+    ranks = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), 1024):
+        scores = queries[start:start + 1024] @ targets.T  # [B, Q]
+        rows = np.arange(start, min(start + 1024, len(queries)))
+        own = scores[rows - start, rows][:, None]
+        ahead = (scores > own) | ((scores == own) & (np.arange(len(targets))[None, :] < rows[:, None]))
+        ranks[rows] = ahead.sum(1)
+    return ranks
+
+
+def text_to_image(text_embeddings, photo_embeddings, query_labels, catalog_embeddings, catalog_labels, k=5) -> dict:
+    """Text search measured two ways, as fashion retrieval benchmarks do: each product's name queries (1) the photos
+    of the same split, where only its own photo counts (recall@1, recall@10, MRR), and (2) the whole catalog, where
+    any photo of its article type counts (precision@k). Chance levels beside each."""
+    ranks = exact_match_ranks(text_embeddings, photo_embeddings)
+    count = len(ranks)
+    query_labels, catalog_labels = np.asarray(query_labels), np.asarray(catalog_labels)
+    _, indices = search(text_embeddings, catalog_embeddings, k)
+    same_type = relevant_counts(query_labels, catalog_labels) / max(1, len(catalog_labels))
+    return {
+        "queries": int(count), "photos": int(count), "catalog": int(len(catalog_labels)),
+        "recall@1": float(np.mean(ranks < 1)), "recall@10": float(np.mean(ranks < 10)),
+        "mrr": float(np.mean(1.0 / (ranks + 1))), f"catalog_precision@{k}": precision_at_k(
+            relevance(query_labels, catalog_labels, indices), k),
+        "chance": {"recall@1": 1 / count, "recall@10": min(1.0, 10 / count),
+                   "mrr": float(np.sum(1.0 / np.arange(1, count + 1)) / count),
+                   f"catalog_precision@{k}": float(same_type.mean())},
+    }

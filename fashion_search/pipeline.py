@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from fashion_search import checkpoint
-from fashion_search import metrics as metrics_module
 from fashion_search.data import SPLITS, catalog_splits, dataset_name, load_processed, split_rows
 from fashion_search.embed import embed_splits
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_write_json, git_commit
 from fashion_search.inference import EMBED_BATCH
-from fashion_search.runs import Run, evaluate_run
+from fashion_search.metrics import HEADLINE_KEYS
+from fashion_search.runs import Run, calibrate_run, evaluate_run
 from fashion_search.runtime import Runtime, device_arg, positive_int, set_seed
 from fashion_search.samplers import ShuffledBatches
 from fashion_search.training import fit
@@ -103,11 +103,12 @@ def train_and_export(args, runtime: Runtime, name, build_model, loss_fn, make_sa
     if export:
         export(model, run.dir)
     metrics = evaluate_run(run.dir)
+    metrics["calibration_test"] = calibrate_run(run.dir)  # writes calibration.json (fitted on val)
     metrics.update({"model": name, "best_epoch": state["epoch"] + 1, "train_seconds": round(train_seconds, 1),
                     "from_scratch": bool(args.from_scratch or args.tiny), "image_size": args.image_size,
                     "embedding_precision": precision})
     atomic_write_json(run.dir / "metrics.json", metrics)
-    print(f"{name}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in metrics_module.HEADLINE_KEYS)
+    print(f"{name}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in HEADLINE_KEYS)
           + f" ({metrics['protocol']}, {metrics['num_queries']} queries) -> {run.dir}")
     return metrics
 

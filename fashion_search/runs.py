@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fashion_search import metrics
+from fashion_search import calibration, metrics
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_save_npy, atomic_write_json, atomic_write_parquet, atomic_write_text, git_commit
 
@@ -74,4 +74,31 @@ def evaluate_run(run_dir, query_split="test", gallery_split="train") -> dict:
               **metrics.evaluate(queries, query_meta["label"], gallery, gallery_meta["label"])}
     loo = metrics.evaluate(queries, query_meta["label"], queries, query_meta["label"], exclude_self=True)
     result["leave_one_out"] = {"protocol": f"leave-one-out within {query_split}", **loo}
+    text = Path(run_dir) / "embeddings" / f"text_{query_split}.npy"
+    if text.exists():  # a run whose text tower can search (clip.py)
+        result["text_to_image"] = text_metrics(run_dir, query_split)
     return result
+
+
+def text_metrics(run_dir, split="test", splits=("train", "val", "test")) -> dict:
+    """Text-to-image search of a run: the productDisplayName embeddings of ``split`` (embeddings/text_<split>.npy,
+    row-aligned with <split>.parquet) against that split's photos and against the whole catalog (every split)."""
+    texts = np.load(Path(run_dir) / "embeddings" / f"text_{split}.npy")
+    photos, meta = load_split(run_dir, split)
+    if texts.shape != photos.shape:
+        raise UserError(f"{run_dir}/embeddings/text_{split}.npy has shape {texts.shape}, its photos {photos.shape}")
+    catalog = [load_split(run_dir, name) for name in splits]
+    return {"protocol": f"{split} product names -> {split} photos (own photo) and -> all splits (same type)",
+            **metrics.text_to_image(texts, photos, meta["label"], np.concatenate([e for e, _ in catalog]),
+                                    np.concatenate([m["label"].to_numpy() for _, m in catalog]))}
+
+
+def calibrate_run(run_dir) -> list[dict]:
+    """Fit the match confidence on val -> train and write <run_dir>/calibration.json; returns the test split's
+    reliability table (predicted against observed, in bins)."""
+    (val, val_meta), (train, train_meta) = load_split(run_dir, "val"), load_split(run_dir, "train")
+    fitted = calibration.fit(*calibration.result_pairs(val, val_meta["label"], train, train_meta["label"]))
+    atomic_write_json(Path(run_dir) / calibration.FILE, fitted)
+    test, test_meta = load_split(run_dir, "test")
+    return calibration.reliability(fitted, *calibration.result_pairs(test, test_meta["label"], train,
+                                                                     train_meta["label"]))

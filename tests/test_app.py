@@ -320,7 +320,8 @@ def test_the_item_itself_comes_first(service):
     assert len(results) == 5 and results[0]["id"] == item_id
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
-    assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score"}
+    assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score",
+                               "confidence", "close_match"}
     item = service.catalog.meta.iloc[service.catalog.row_of_id[catalog.id_key(item_id)]]  # the record is that item's metadata
     assert all(results[0][field] == item[field] for field in catalog.RESULT_FIELDS)
     assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
@@ -332,7 +333,9 @@ def test_gallery_shows_each_result_photo_from_a_jpeg_file_written_once(service):
     gallery = service.gallery(results)
     assert len(gallery) == 5
     path, caption = gallery[0]
-    assert results[0]["articleType"] in caption and results[0]["productDisplayName"] in caption
+    assert caption == f"1. confidence {results[0]['confidence']:.0%}"
+    details = service.describe(results)  # each result in full under the gallery
+    assert all(r["productDisplayName"] in details and r["articleType"] in details for r in results)
     with Image.open(path) as shown:
         assert shown.format == "JPEG" and shown.mode == "RGB"
         original = np.asarray(open_image(data), dtype=np.float32)

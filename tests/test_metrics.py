@@ -2,8 +2,9 @@
 AccuracyCalculator where the definitions match (precision@1, MAP@R)."""
 import numpy as np
 import pytest
-from fashion_search import metrics as ev
 
+from fashion_search import calibration
+from fashion_search import metrics as ev
 
 
 def unit(x):
@@ -123,3 +124,40 @@ def test_matches_pytorch_metric_learning():
                                          torch.tensor(g_labels), ref_includes_query=True)
     ours_loo = ev.evaluate(gallery, g_labels, gallery, g_labels, exclude_self=True)
     assert ours_loo["map@r"] == pytest.approx(theirs_loo["mean_average_precision_at_r"], abs=1e-6)
+
+
+def test_exact_match_ranks_and_text_to_image_against_brute_force():
+    rng = np.random.default_rng(3)
+    photos = unit(rng.normal(size=(40, 8)))
+    texts = unit(photos + rng.normal(scale=0.8, size=photos.shape))  # noisy views of their own photo
+    texts[5] = photos[7]  # a tie-free case where product 5's name lands exactly on product 7's photo
+    ranks = ev.exact_match_ranks(texts, photos)
+    sims = texts.astype(np.float64) @ photos.T.astype(np.float64)
+    expected = [sorted(range(40), key=lambda j: (-sims[i, j], j)).index(i) for i in range(40)]
+    assert ranks.tolist() == expected and ranks[5] > 0
+    labels = np.arange(40) % 4
+    catalog, catalog_labels = np.concatenate([photos, photos[:20]]), np.concatenate([labels, labels[:20]])
+    result = ev.text_to_image(texts, photos, labels, catalog, catalog_labels)
+    assert result["recall@1"] == pytest.approx(np.mean(np.array(expected) == 0))
+    assert result["recall@10"] == pytest.approx(np.mean(np.array(expected) < 10))
+    assert result["mrr"] == pytest.approx(np.mean(1 / (np.array(expected) + 1)))
+    top5 = [sorted(range(60), key=lambda j: (-(texts[i] @ catalog[j]), j))[:5] for i in range(40)]
+    assert result["catalog_precision@5"] == pytest.approx(
+        np.mean([np.mean(catalog_labels[t] == labels[i]) for i, t in enumerate(top5)]))
+    assert result["chance"]["recall@1"] == pytest.approx(1 / 40)
+    assert result["chance"]["catalog_precision@5"] == pytest.approx(15 / 60)  # each label: 15 of the 60 items
+
+
+def test_calibration_is_monotone_and_reliable_on_its_own_data():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 1, 5000)
+    matches = rng.uniform(0, 1, 5000) < scores ** 2  # the true P(match | score) is score squared
+    fitted = calibration.fit(scores, matches)
+    grid = np.linspace(-0.5, 1.5, 101)
+    predicted = calibration.confidence(fitted, grid)
+    assert np.all(np.diff(predicted) >= 0) and predicted.min() >= 0 and predicted.max() <= 1
+    assert calibration.confidence(fitted, [0.5])[0] == pytest.approx(0.25, abs=0.05)
+    assert calibration.confidence(fitted, [0.9])[0] == pytest.approx(0.81, abs=0.05)
+    table = calibration.reliability(fitted, scores, matches)
+    assert sum(row["pairs"] for row in table) == 5000
+    assert all(abs(row["predicted"] - row["observed"]) < 0.05 for row in table if row["pairs"] > 100)

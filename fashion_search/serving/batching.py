@@ -15,9 +15,9 @@ class MicroBatcher:
     runs it once per batch of waiting requests. On a CPU a batch of 8 costs far less than 8 single calls.
 
     How long to wait for a batch to fill: under steady load from n clients the answers of one batch reach them at
-    slightly different times, so their next requests arrive spread over a few milliseconds. A fixed 3 ms window split
-    every round of 8 clients into a batch of 1 and a batch of 7 (measured: 21 of each), paying for one whole batch-1
-    forward pass per round. So the worker waits, at most ``max_wait`` seconds, until as many requests as the largest
+    slightly different times, so their next requests arrive spread over a few milliseconds. A fixed short window split
+    every round of 8 clients into a batch of 1 and a batch of 7 (BENCHMARKS.md, section 3), paying for one whole
+    batch-1 forward pass per round. So the worker waits, at most ``max_wait`` seconds, until as many requests as the largest
     batch of the last ``memory`` seconds are there; a lone client (largest recent batch: 1) never waits.
 
     At most ``max_pending`` requests wait: one more is refused at once (Busy). No request waits longer than

@@ -40,8 +40,8 @@ class Catalog:
         # String views of the filter columns the catalog has, made once rather than on every filtered query.
         self.filter_values = {c: self.meta[c].astype(str).to_numpy() for c in FILTER_COLUMNS if c in self.meta}
         self.valid_values = {c: set(values) for c, values in self.filter_values.items()}
-        # The result columns as arrays: a query's 5 records cost ~1 ms of pandas cell look-ups (DataFrame.at) and a
-        # few microseconds from these. A column the catalog lacks (a user's own photos) shows as empty.
+        # The result columns as arrays: a query's 5 records cost far less from these than from pandas cell look-ups
+        # (DataFrame.at; BENCHMARKS.md, section 3). A column the catalog lacks (a user's own photos) shows as empty.
         self.result_values = {field: self.meta[field].to_numpy() if field in self.meta else np.full(len(meta), "")
                               for field in RESULT_FIELDS}
 

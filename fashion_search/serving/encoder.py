@@ -108,9 +108,8 @@ class Encoder:
 
     def compile_queries(self, calibration: np.ndarray | None = None):
         """Compile the query path at its two batch sizes, 1 (one user at a time) and 8 (concurrent users), now rather
-        than on users' first queries: with the weights frozen in, the ViT-B/32 ran batch 1 in 19-30 ms against 31-45
-        eager, and batch 8 in 77-134 ms against 97-168 (2 CPU cores, BENCHMARKS.md section 3). A graph with a
-        symbolic batch size, for any size, gained only 1.0-1.2x. With ``calibration`` photos (uint8 [N, 3, S, S],
+        than on users' first queries. Graphs with the weights frozen in run both sizes faster than eager; one graph
+        with a symbolic batch size, for any size, gained little (BENCHMARKS.md, section 3). With ``calibration`` photos (uint8 [N, 3, S, S],
         N >= 8) the batch-8 graph is int8 instead (quantize_int8_batches). Queries run eager until both graphs are
         ready, so it may run in a thread beside a serving app. Call it after the catalog is built: the catalog job
         drops every compiled graph when it ends."""
@@ -130,10 +129,9 @@ class Encoder:
 
     def quantize_int8_batches(self, calibration: np.ndarray):
         """An int8 graph for batches of 8 (accel.int8_embed_graph, calibrated on ``calibration``), or None where it
-        cannot be had (no torchao, not a CPU) or disagrees with the bf16 model on the calibration photos. On 2 CPU
-        cores with int8 matrix units (AMX) it ran batches of 8 1.1-1.7x faster than the frozen bf16 graph, and 8
-        clients got 1.15-1.45x the requests/s; batch 1 gained nothing clear (0.5-1.5x), so it stays bf16. The graph
-        keeps an fp32 copy of the vision tower alive: ~0.6 GB more RSS."""
+        cannot be had (no torchao, not a CPU) or disagrees with the bf16 model on the calibration photos. On a CPU with
+        int8 matrix units it runs batches of 8 faster than the frozen bf16 graph; batch 1 gained nothing clear, so it
+        stays bf16 (BENCHMARKS.md, section 3). The graph keeps an fp32 copy of the vision tower alive."""
         photos = calibration[:len(calibration) // QUERY_BATCH * QUERY_BATCH]
         from fashion_search.accel import int8_embed_graph
 

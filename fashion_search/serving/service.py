@@ -6,19 +6,25 @@ import tempfile
 import threading
 from pathlib import Path
 
+from fashion_search import calibration
 from fashion_search.images import open_image
 from fashion_search.serving.catalog import FILTER_COLUMNS, Catalog, id_key
 from fashion_search.serving.encoder import Encoder
 from fashion_search.serving.errors import QueryError
 from fashion_search.serving.fetch import fetch_url
 
+# A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
+MIN_CONFIDENCE = 0.5
+
 
 class SearchService:
     """Everything the page and the API do, without Gradio: each query returns the top results as records."""
 
-    def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False):
+    def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False,
+                 calibration: dict | None = None, min_confidence: float = MIN_CONFIDENCE):
         self.encoder, self.catalog, self.model_name = encoder, catalog, model_name
         self.allow_private_urls = allow_private_urls
+        self.calibration, self.min_confidence = calibration, min_confidence
         self._photos = tempfile.TemporaryDirectory(prefix="fashion-search-photos-")  # removed with the service
 
     @property
@@ -29,8 +35,25 @@ class SearchService:
     def filters(self, *values):
         return dict(zip(self.filter_columns, values))
 
+    def search(self, vector, *filters) -> list[dict]:
+        """The top results for an embedding, each with its match confidence where the run is calibrated:
+        ``confidence`` (how likely it shares the query's article type) and ``close_match`` (confidence at least
+        min_confidence)."""
+        results = self.catalog.search(vector, self.filters(*filters))
+        if self.calibration is not None and results:
+            for record, value in zip(results, calibration.confidence(self.calibration, [r["score"] for r in results])):
+                record["confidence"] = round(float(value), 3)
+                record["close_match"] = bool(value >= self.min_confidence)
+        return results
+
+    def close_match(self, results) -> bool | None:
+        """Whether any result is a close match; None where the run has no calibration to tell."""
+        if self.calibration is None or not results:
+            return None
+        return any(record["close_match"] for record in results)
+
     def search_image_bytes(self, data: bytes, *filters):
-        return self.catalog.search(self.encoder.embed_image(data), self.filters(*filters))
+        return self.search(self.encoder.embed_image(data), *filters)
 
     def search_image_file(self, path, *filters):
         if not path:
@@ -47,24 +70,43 @@ class SearchService:
     def search_text(self, text, *filters):
         if not self.encoder.text_search:
             raise QueryError(self.encoder.text_search_why)
-        return self.catalog.search(self.encoder.embed_text(text), self.filters(*filters))
+        return self.search(self.encoder.embed_text(text), *filters)
 
     def search_item(self, item_id, *filters):
         row = self.catalog.row_of_id.get(id_key(item_id))
         if row is None:
             raise QueryError(f"no catalog item with id {item_id}")
-        return self.catalog.search(self.catalog.embeddings[row], self.filters(*filters))
+        return self.search(self.catalog.embeddings[row], *filters)
 
     def gallery(self, results):
-        return [(self.photo_file(self.catalog.row_of_id[id_key(r["id"])]),
-                 f"score {r['score']:.3f} · {r['articleType']} · {r['baseColour']} · {r['gender']} · "
-                 f"{r['productDisplayName']}") for r in results]
+        """(photo file, short caption) per result; describe() gives each result's details in full."""
+        return [(self.photo_file(self.catalog.row_of_id[id_key(r["id"])]), f"{rank}. {self.how_close(r)}")
+                for rank, r in enumerate(results, 1)]
+
+    @staticmethod
+    def how_close(record) -> str:
+        return f"confidence {record['confidence']:.0%}" if "confidence" in record else f"score {record['score']:.3f}"
+
+    def describe(self, results) -> str:
+        """Markdown for the page: a notice when nothing is a close match, then each result in full."""
+        if not results:
+            return ""
+        lines = []
+        if self.close_match(results) is False:
+            lines.append(f"**Nothing in the catalog is a close match** for this query: even the best result is "
+                         f"unlikely to share its article type (confidence {results[0]['confidence']:.0%}, below "
+                         f"{self.min_confidence:.0%}). The nearest items are shown all the same.\n")
+        lines += ["| # | name | type | colour | gender | match |", "|---:|---|---|---|---|---|"]
+        for rank, r in enumerate(results, 1):
+            cells = [str(r[field]).replace("|", "/") for field in ("productDisplayName", "articleType", "baseColour",
+                                                                  "gender")]
+            lines.append(f"| {rank} | {' | '.join(cells)} | {self.how_close(r)} |")
+        return "\n".join(lines)
 
     def photo_file(self, row: int) -> str:
         """A catalog photo as a JPEG file for the page's gallery, written the first time the item is shown. Gradio
-        serves a file as it is, where it re-encoded a PIL image on every query (as WebP: 26-35 ms for a gallery of
-        five, BENCHMARKS.md section 3). Decoded and re-encoded once, so any format the catalog holds reaches the
-        browser as an upright RGB JPEG. At most one file of a few KB per catalog item, in a folder removed with the
+        serves a file as it is, where it re-encoded a PIL image on every query (as WebP; BENCHMARKS.md, section 3).
+        Decoded and re-encoded once, so any format the catalog holds reaches the browser as an upright RGB JPEG. At most one file of a few KB per catalog item, in a folder removed with the
         service."""
         path = Path(self._photos.name) / f"{row}.jpg"
         if not path.exists():
