@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_search import calibration
 from fashion_search.data import image_cache, load_processed
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_write, atomic_write_text
@@ -60,6 +61,41 @@ def comparison_table(rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown(records: list[dict]) -> str:
+    """A markdown table of records (the same keys each)."""
+    if not records:
+        return ""
+    keys = list(records[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for record in records:
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in record.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def detail_tables(rows: dict, runs: dict) -> str:
+    """Where macro precision is lost (by class size), text-to-image search where a run has it, and the reliability
+    of each run's match confidence on the query split."""
+    out = ["\n### precision@5 by class size (gallery items per class)\n"]
+    for name, m in rows.items():
+        out += [f"\n{name}:\n", markdown(m["by_class_size"])]
+    text = {name: m["text_to_image"] for name, m in rows.items() if "text_to_image" in m}
+    if text:
+        out.append("\n### text -> image (product names as queries)\n\n")
+        keys = ("recall@1", "recall@10", "mrr", "catalog_precision@5")
+        records = [{"run": name, **{k: t[k] for k in keys}, "queries": t["queries"]} for name, t in text.items()]
+        chance = next(iter(text.values()))["chance"]
+        records.append({"run": "chance", **{k: chance[k] for k in keys}, "queries": next(iter(text.values()))["queries"]})
+        out.append(markdown(records))
+    for name, run in runs.items():
+        fitted = calibration.load(run)
+        if fitted is not None:
+            query, gallery = rows[name]["splits"]
+            (q, q_meta), (g, g_meta) = load_split(run, query), load_split(run, gallery)
+            table = calibration.reliability(fitted, *calibration.result_pairs(q, q_meta["label"], g, g_meta["label"]))
+            out += [f"\n### match confidence of {name} on {query} -> {gallery} (fitted on val)\n\n", markdown(table)]
+    return "".join(out)
+
+
 def plot_curves(rows: dict, path):
     import matplotlib
 
@@ -98,6 +134,7 @@ def main(argv=None):
         for run in args.runs:
             name = Path(run).name
             rows[name] = evaluate_run(run, args.query_split, args.gallery_split)
+            rows[name]["splits"] = (args.query_split, args.gallery_split)
             metrics_path = Path(run) / "metrics.json"
             if metrics_path.exists():
                 rows[name]["train_seconds"] = json.loads(metrics_path.read_text()).get("train_seconds", "")
@@ -108,7 +145,7 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = comparison_table(rows)
+    table = comparison_table(rows) + detail_tables(rows, {Path(run).name: run for run in args.runs})
     print(table, end="")
     atomic_write_text(args.output, table)
     plot_curves(rows, args.plot)

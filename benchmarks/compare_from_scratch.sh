@@ -23,9 +23,9 @@ train() {  # name, then its arguments; wall time goes to the log
   echo "$name wall seconds: $((SECONDS - start))" | tee -a "$OUT/$name.log"
 }
 # ResNet-18 rather than -50 for the two CNNs: from random weights on 2 cores, ResNet-18 trains ~3x more images
-# per second (230 vs 75 img/s at 64 px), and 3x the epochs beat the deeper net (README, "From scratch").
-# The ViT trains without the image-text term (its text tower stays untrained: image queries only; README says what
-# the term costs); --max-text-length still sizes that tower, and with it the random initialisation of the README run.
+# per second at 64 px, and the extra epochs beat the deeper net (docs/experiments.md).
+# The ViT trains without the image-text term (its text tower stays untrained: image queries only; what
+# the term costs: docs/experiments.md); --max-text-length still sizes that tower, and with it the random initialisation of the README run.
 models=("$@")
 [[ ${#models[@]} -eq 0 ]] && models=(resnet siamese clip vae)
 for model in "${models[@]}"; do

@@ -146,7 +146,27 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings, gallery_labels,
         "num_queries": int(len(query_labels)),
         "num_gallery": int(len(gallery_labels) - int(exclude_self)),
         "precision_curve": [precision_at_k(rel, j) for j in range(1, CURVE_K + 1)],
+        "by_class_size": precision_by_class_size(rel, query_labels, gallery_labels, k),
     }
+
+
+def precision_by_class_size(rel: np.ndarray, query_labels, gallery_labels, k: int, edges=(20, 100)) -> list[dict]:
+    """What macro precision weighs: classes grouped by how many gallery (training) items they have, with their
+    share of classes and queries and their macro precision@k."""
+    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+    per_query = rel[:, :k].sum(1) / k
+    sizes = relevant_counts(query_labels, gallery_labels)
+    bounds = [0, *edges, np.inf]
+    rows = []
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        inside = (sizes >= low) & (sizes < high) & (query_labels >= 0)
+        classes = np.unique(query_labels[inside])
+        if len(classes):
+            rows.append({"gallery items per class": f"{low}-{int(high) - 1}" if high < np.inf else f"{low}+",
+                         "classes": int(len(classes)), "queries": int(inside.sum()),
+                         f"macro_precision@{k}": float(np.mean([per_query[query_labels == c].mean()
+                                                                for c in classes]))})
+    return rows
 
 
 def leave_one_out_precision(embeddings, labels, k=5) -> float:

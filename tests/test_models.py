@@ -327,3 +327,20 @@ def test_time_budget_stops_training_and_finishes_the_schedule(processed, cache_d
     assert 1 <= len(log) < 500
     assert log[-1]["lr"] < 0.05 * 1e-3  # the cosine schedule followed the clock to its end
     assert json.loads((out / "metrics.json").read_text())["train_seconds"] < 10
+
+
+def test_evaluation_compares_runs_with_text_search_class_sizes_and_confidence(trained_runs, processed, cache_dir,
+                                                                             tmp_path):
+    import evaluation
+
+    table, plot = tmp_path / "comparison.md", tmp_path / "precision.png"
+    assert evaluation.main([*(str(run) for run in trained_runs.values()), "--baseline", "pixels", "--data",
+                            str(processed), "--cache-dir", str(cache_dir), "--output", str(table),
+                            "--plot", str(plot)]) == 0
+    text = table.read_text()
+    for name in (*trained_runs, "pixels (baseline)"):
+        assert f"| {name} |" in text
+    assert "### text -> image" in text and "| clip |" in text.split("### text -> image")[1]
+    assert "| chance |" in text and "### match confidence of clip" in text
+    assert text.count("| gallery items per class |") == len(trained_runs) + 1  # one table per row, pixels too
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

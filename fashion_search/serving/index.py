@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fashion_search.files import atomic_write, atomic_write_json
 
@@ -17,6 +18,7 @@ EXACT_UP_TO = 5_000
 
 
 HNSW_M, HNSW_EF_CONSTRUCTION = 32, 64
+BUILD_CHUNK = 2_000
 
 
 def hnsw_ef_search(rows: int) -> int:
@@ -33,11 +35,14 @@ def build_index(embeddings: np.ndarray):
     rows, dim = embeddings.shape
     if index_kind(rows) == "Flat":
         index = faiss.IndexFlatIP(dim)
-    else:
-        print(f"building an HNSW index over {rows:,} items")
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        return index
+    index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    # added in chunks, so that a progress bar (at a terminal) can follow the build
+    for start in tqdm(range(0, rows, BUILD_CHUNK), desc=f"HNSW index over {rows:,} items", unit="chunk",
+                      disable=None):
+        index.add(np.ascontiguousarray(embeddings[start:start + BUILD_CHUNK], dtype=np.float32))
     return tune(index)
 
 
