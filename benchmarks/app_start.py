@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,15 +27,17 @@ def rss_mb(pid):
 
 
 def start_once(app_args, port, timeout):
-    """(seconds to the first answer, RSS MB then, the app's log lines)."""
+    """(seconds to the first answer, RSS MB then)."""
     command = [sys.executable, "app.py", *app_args, "--port", str(port)]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the app
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     try:
         while time.perf_counter() - started < timeout:
             if process.poll() is not None:
-                raise SystemExit(f"app.py exited with {process.returncode}:\n{process.stdout.read()[-2000:]}")
+                log.seek(0)
+                raise SystemExit(f"app.py exited with {process.returncode}:\n{log.read()[-2000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/api/search_text", params={"q": "shirt"}, timeout=5).status_code:
                     return time.perf_counter() - started, rss_mb(process.pid)
