@@ -14,14 +14,13 @@ from fashion_search import calibration
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.runtime import device_arg
+from fashion_search.serving import batching
 from fashion_search.serving.catalog import ANY, calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
 from fashion_search.serving.errors import Busy, QueryError
 from fashion_search.serving.service import MIN_CONFIDENCE, SearchService
 
-# Requests waiting at once, per route family, beyond which a request is refused ("busy, try again") rather than
-# queued without limit: enough for a burst from many clients, small enough that each waits seconds, not minutes.
-MAX_PENDING = 64
+MAX_PENDING = batching.MAX_PENDING  # per route family, as the batcher's own bound
 RETRY_AFTER_SECONDS = 1
 # Gradio's cache of uploads and of files it served: every 10 minutes, files older than an hour are removed.
 CACHE_CLEANING = (600, 3600)

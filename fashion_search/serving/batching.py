@@ -9,6 +9,11 @@ import numpy as np
 
 from fashion_search.serving.errors import Busy, ModelFailure
 
+# Requests waiting at once, beyond which one more is refused ("busy, try again") rather than queued without limit:
+# enough for a burst from many clients, small enough that each waits seconds, not minutes. app.py bounds its routes
+# with the same number.
+MAX_PENDING = 64
+
 
 class MicroBatcher:
     """Concurrent requests are embedded together: one worker thread owns the model (no thread oversubscription) and
@@ -23,7 +28,7 @@ class MicroBatcher:
     At most ``max_pending`` requests wait: one more is refused at once (Busy). No request waits longer than
     ``timeout`` seconds for its answer, and a batch the model fails on fails only its own requests (ModelFailure)."""
 
-    def __init__(self, fn, max_batch=16, max_wait=0.03, memory=1.0, max_pending=64, timeout=60.0):
+    def __init__(self, fn, max_batch=16, max_wait=0.03, memory=1.0, max_pending=MAX_PENDING, timeout=60.0):
         import queue
 
         self.fn, self.max_batch, self.max_wait, self.memory, self.timeout = fn, max_batch, max_wait, memory, timeout
