@@ -1,8 +1,9 @@
-"""Find the five catalog items that look most like a photo: a Gradio page and a program API over a FAISS index
-of CLIP embeddings. Queries: an uploaded photo, an image URL, a text description (CLIP's text tower), or a click
-on a result. Optional filters (gender, masterCategory, articleType, baseColour) are applied inside the search.
+"""Find the five catalog items that look most like a photo: a Gradio page and a program API over a vector index
+of CLIP embeddings (FAISS in the process by default, or Milvus). Queries: an uploaded photo, an image URL, a text
+description (CLIP's text tower), or a click on a result. Optional filters (gender, masterCategory, articleType,
+baseColour) are applied inside the search.
 
-Usage: python app.py [--run runs/clip] [--dataset PATH] [--host 127.0.0.1] [--port 7860]
+Usage: python app.py [--run runs/clip] [--dataset PATH] [--index faiss] [--host 127.0.0.1] [--port 7860]
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from fashion_search import calibration
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
-from fashion_search.runtime import device_arg
+from fashion_search.runtime import device_arg, positive_int
 from fashion_search.serving import batching
 from fashion_search.serving.catalog import ANY, calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
@@ -158,7 +159,14 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
     parser.add_argument("--device", type=device_arg, default="cpu")
+    parser.add_argument("--index", default="faiss", help="where the catalog's vectors live: faiss (a file in the "
+                        "run's index folder), milvus:PATH.db (Milvus Lite) or milvus://HOST:PORT/COLLECTION (a Milvus "
+                        "server); catalog.py adds and removes items in it while the app serves")
     parser.add_argument("--cache-dir", default="data/cache")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local", help="who embeds a --dataset catalog "
+                        "at its first start: this process, or a Ray cluster (RAY_ADDRESS, else a local one)")
+    parser.add_argument("--ray-actors", type=positive_int, default=2, help="--engine ray: model actors (one GPU "
+                        "each on GPUs)")
     parser.add_argument("--max-upload-mb", type=int, default=10)
     parser.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE,
                         help="a result whose calibrated confidence (the chance that it shares the query's article type, "
@@ -178,11 +186,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def ray_actors(args) -> int:
+    return args.ray_actors if args.engine == "ray" else 0
+
+
 def load_service(args) -> tuple[SearchService, str]:
     run = Path(args.run)
     if (run / "hf_model" / "config.json").exists():
         encoder = Encoder(str(run / "hf_model"), args.device, args.int8)
-        catalog = catalog_from_run(run, encoder, args.dataset, args.cache_dir)
+        catalog = catalog_from_run(run, encoder, args.dataset, args.cache_dir, args.index, ray_actors(args))
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls,
                              calibration.load(run), args.min_confidence), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {args.model} "
@@ -192,7 +204,8 @@ def load_service(args) -> tuple[SearchService, str]:
     try:
         encoder = Encoder(args.model, args.device, args.int8)
         index_dir = Path("runs") / "zero-shot-clip" / "index"
-        catalog = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model)
+        catalog = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model, args.index,
+                                       ray_actors(args))
     except UserError as exc:
         cause = str(exc).split(";")[0]  # what failed, without the model scripts' advice
         raise UserError(f"no run at --run {run}, and the zero-shot fallback failed: {cause}; pass --run RUN_DIR "

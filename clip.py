@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fashion_search import backbones, heads, pipeline
+from fashion_search import backbones, distributed, heads, pipeline
 from fashion_search.data import SPLITS, load_processed
 from fashion_search.errors import cli
 from fashion_search.files import atomic_save_npy, atomic_write_json
@@ -149,12 +149,13 @@ def main(argv=None):
     def loss_fn(model, images, labels, rows):
         image_embeddings = model.embed(images)
         loss = F.cross_entropy(model.head(image_embeddings).float(), labels)
-        if args.text_loss_weight > 0:
+        if args.text_loss_weight > 0:  # over the global batch under torchrun
             text_embeddings = backbones.clip_text_features(model.clip, tokens["input_ids"][rows].to(images.device),
-                                                        tokens["attention_mask"][rows].to(images.device))
-            logits = model.clip.logit_scale.exp() * F.normalize(image_embeddings.float(), dim=1) \
-                @ F.normalize(text_embeddings.float(), dim=1).T  # [B, B], matching pairs on the diagonal
-            targets = torch.arange(len(rows), device=images.device)
+                                                           tokens["attention_mask"][rows].to(images.device))
+            image_side = F.normalize(distributed.gather(image_embeddings).float(), dim=1)
+            text_side = F.normalize(distributed.gather(text_embeddings).float(), dim=1)
+            logits = model.clip.logit_scale.exp() * image_side @ text_side.T  # [B, B], matching pairs on the diagonal
+            targets = torch.arange(len(logits), device=images.device)
             loss = loss + args.text_loss_weight * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         return loss
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fashion_search import backbones, pipeline
+from fashion_search import backbones, distributed, pipeline
 from fashion_search.errors import cli
 from fashion_search.runtime import positive_int
 from fashion_search.samplers import ClassBalancedBatches
@@ -66,8 +66,8 @@ def main(argv=None):
     if args.embed_only:
         return pipeline.embed_only(args, runtime, "siamese", build_model)
 
-    def loss_fn(model, images, labels, rows):
-        return contrastive_loss(model.embed(images), labels, args.margin)
+    def loss_fn(model, images, labels, rows):  # pairs span the global batch under torchrun
+        return contrastive_loss(distributed.gather(model.embed(images)), distributed.gather(labels), args.margin)
 
     def sampler(train_rows):
         return ClassBalancedBatches(train_rows.labels, args.classes_per_batch, args.per_class, args.seed)

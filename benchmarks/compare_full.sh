@@ -26,8 +26,8 @@ models=("$@")
 [[ ${#models[@]} -eq 0 ]] && models=(resnet siamese clip clip-text vae)
 for model in "${models[@]}"; do
   case $model in
-    resnet) train resnet resnet --arch resnet18 --epochs 13 --batch-size 128 --lr 3e-3 ;;
-    siamese) train siamese siamese --arch resnet18 --epochs 14 --classes-per-batch 16 --per-class 4 --lr 1e-3 ;;
+    resnet) train resnet resnet --arch resnet18 --epochs 16 --batch-size 128 --lr 3e-3 ;;
+    siamese) train siamese siamese --arch resnet18 --epochs 12 --classes-per-batch 16 --per-class 4 --lr 1e-3 ;;
     clip) train clip clip --epochs 14 --batch-size 64 --lr 5e-4 --max-text-length 32 --head cosine --text-loss-weight 0 ;;
     clip-text) train clip-text clip --epochs 12 --batch-size 64 --lr 5e-4 --max-text-length 32 --head cosine --text-loss-weight 0.5 ;;
     vae) train vae vae --epochs 3 --batch-size 128 --lr 1e-3 ;;

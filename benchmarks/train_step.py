@@ -53,7 +53,7 @@ def main(argv=None):
         sync(device)
         step_started = time.perf_counter()
         batch = transforms.augment(transforms.normalize(images, backbones.IMAGENET_MEAN, backbones.IMAGENET_STD, device, True),
-                               generator)
+                                   transforms.augment_draws(len(images), generator))
         with runtime.autocast(device, dtype):
             loss = F.cross_entropy(net(batch).float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)

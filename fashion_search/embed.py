@@ -47,12 +47,21 @@ def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, in
         torch.compiler.reset()
 
 
-def embed_splits(model, splits: dict, run_dir, args, runtime) -> str:
+def embed_splits(model, splits: dict, run_dir, args, runtime, ray_factory=None) -> str:
     """Write embeddings/<split>.npy + .parquet for every split with ``model`` (an EmbeddingModel); returns the
-    precision they were computed in (int8, bfloat16, float16 or float32), which metrics.json records."""
+    precision they were computed in (int8, bfloat16, float16 or float32), which metrics.json records. With
+    ``ray_factory`` (--engine ray), a pool of Ray actors embeds instead, each with the model the factory builds."""
     model = model.for_inference()
     prepared = {split: split_rows(split_ds, args)[:2] for split, split_ds in splits.items()}
     image_sets = [rows.images for rows, _ in prepared.values()]
+    if ray_factory is not None:
+        from fashion_search import ray_engine
+
+        vectors = ray_engine.embed(ray_factory, image_sets, args.ray_actors,
+                                   gpus_per_actor=1 if runtime.device.type == "cuda" else 0)
+        for (split, (_, split_ds)), embeddings in zip(prepared.items(), vectors):
+            write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split))
+        return runtime.precision_name
     with job_embed(model, image_sets, runtime.device, runtime.dtype, args.eval_batch_size,
                    int8=args.precision == "auto") as compiled:  # one graph for every split
         for split, (rows, split_ds) in prepared.items():

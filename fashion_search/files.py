@@ -70,3 +70,17 @@ def git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def read_json(path) -> dict:
+    """The file's JSON object, or {} when it is missing or damaged (whatever it described is then rebuilt)."""
+    try:
+        value = json.loads(Path(path).read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def fingerprint(parts: dict) -> str:
+    """A content hash of what something was built from (JSON-able parts)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fashion_search import checkpoint
+from fashion_search import checkpoint, distributed
 from fashion_search.data import SPLITS, catalog_splits, dataset_name, load_processed, split_rows
 from fashion_search.embed import embed_splits
 from fashion_search.errors import UserError
@@ -33,7 +33,8 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
     add("--tiny", action="store_true", help="a very small configuration of the same family, for tests")
     add("--image-size", type=positive_int, default=image_size, help="square input size in pixels")
     add("--epochs", type=positive_int, default=epochs)
-    add("--batch-size", type=positive_int, default=batch_size)
+    add("--batch-size", type=positive_int, default=batch_size, help="global batch: under torchrun each of N processes "
+        "takes 1/N of it, so the same --batch-size and --lr train the same recipe on any number of GPUs")
     add("--lr", type=float, default=lr, help="peak AdamW learning rate (after warmup)")
     add("--weight-decay", type=float, default=0.05)
     add("--warmup", type=float, default=0.05, help="fraction of steps with linear warmup")
@@ -53,6 +54,9 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
     add("--embed-only", action="store_true", help="embed --data with the trained run --checkpoint, no training")
     add("--checkpoint", default=None, help="with --embed-only: the trained run folder")
     add("--eval-batch-size", type=positive_int, default=EMBED_BATCH)
+    add("--engine", choices=("local", "ray"), default="local", help="with --embed-only: embed in this process "
+        "(local), or on a Ray cluster (RAY_ADDRESS, else a local one) with a pool of model actors")
+    add("--ray-actors", type=positive_int, default=2, help="--engine ray: model actors (one GPU each on GPUs)")
 
 
 def validate_args(args, name: str):
@@ -73,10 +77,18 @@ def validate_args(args, name: str):
 
 
 def prepare(args, name: str) -> Runtime:
-    """Validate the arguments (filling in the defaults that depend on others), seed, and resolve where and in what
-    precision to compute."""
+    """Validate the arguments (filling in the defaults that depend on others), join the torchrun world if there is
+    one, seed, and resolve where and in what precision to compute."""
     validate_args(args, name)
-    set_seed(args.seed)
+    world = distributed.start(args.device) if not args.embed_only else distributed.world()
+    args.world_size = world.size
+    if world.size > 1:
+        if args.device != "cpu" and torch.cuda.is_available():
+            args.device = f"cuda:{world.local_rank}"
+        if world.main:
+            print(f"{name}: data-parallel training on {world.size} processes "
+                  f"({torch.distributed.get_backend()}), global batch {args.batch_size}")
+    set_seed(args.seed)  # the same on every rank: identical initial weights
     return Runtime.create(args.device, args.precision)
 
 
@@ -87,7 +99,8 @@ def train_and_export(args, runtime: Runtime, name, build_model, loss_fn, make_sa
     (pretrained, from scratch or tiny); the backbone_config it returns is stored in best.pt so that
     --embed-only can rebuild the architecture without a download."""
     dataset, label_map = load_processed(args.data)
-    run = Run(args.output_dir, args, resume=args.resume)
+    main = distributed.world().main
+    run = Run(args.output_dir, args, resume=args.resume, write=main)
     num_classes = len(label_map["labels"])
     model, backbone_config = build_model(args, num_classes)
     train_rows, _, _ = split_rows(dataset["train"], args)
@@ -99,6 +112,9 @@ def train_and_export(args, runtime: Runtime, name, build_model, loss_fn, make_sa
              "image_size": args.image_size}
     state = fit(model, loss_fn, train_rows, val_rows, sampler, run, args, runtime, extra)
     train_seconds = time.perf_counter() - started
+    distributed.finish()
+    if not main:  # rank 0 embeds, evaluates and writes the rest
+        return None
     precision = embed_splits(model, {s: dataset[s] for s in SPLITS}, run.dir, args, runtime)
     if export:
         export(model, run.dir)
@@ -130,6 +146,26 @@ def load_trained(run_dir, name, build_model, device):
     return model.to(device), state
 
 
+class TrainedEmbedder:
+    """A picklable recipe for a trained run's embedding function, built where it runs (a Ray actor): it loads
+    best.pt there rather than shipping the model."""
+
+    def __init__(self, run_dir, name, build_model, device, precision, batch_size):
+        self.run_dir, self.name, self.build_model = str(run_dir), name, build_model
+        self.device, self.precision, self.batch_size = device, precision, batch_size
+
+    def __call__(self):
+        from fashion_search.inference import embed_images
+
+        runtime = Runtime.create(self.device, self.precision)
+        model, _ = load_trained(self.run_dir, self.name, self.build_model, runtime.device)
+        if model.channels_last:  # as embed_only prepares it for the local loop
+            model.to(memory_format=torch.channels_last)
+        model = model.for_inference()
+        return lambda images: embed_images(model, images, runtime.device, runtime.dtype, self.batch_size,
+                                           progress=False)
+
+
 def embed_only(args, runtime: Runtime, name, build_model):
     """--embed-only: embed every split of --data (a processed folder, a hub-layout folder, a folder of photos or a
     hub name; a dataset without splits is one split named 'all') with a trained run, writing the same files as
@@ -148,6 +184,8 @@ def embed_only(args, runtime: Runtime, name, build_model):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.output_dir) / "args.json", {**vars(args), "git_commit": git_commit()})
     print(f"--embed-only: writing to {args.output_dir}")
-    precision = embed_splits(model, splits, args.output_dir, args, runtime)
+    factory = TrainedEmbedder(args.checkpoint, name, build_model, args.device, args.precision,
+                              args.eval_batch_size) if args.engine == "ray" else None
+    precision = embed_splits(model, splits, args.output_dir, args, runtime, ray_factory=factory)
     print(f"embedded {', '.join(f'{s} ({len(d)})' for s, d in splits.items())} in {precision} -> "
           f"{args.output_dir}/embeddings")

@@ -18,10 +18,13 @@ class Run:
     """One output folder: args.json, log.jsonl, last.pt (resume), best.pt (selected model), metrics.json,
     embeddings/. Every file is written atomically."""
 
-    def __init__(self, output_dir, args, resume=False):
+    def __init__(self, output_dir, args, resume=False, write=True):
+        """write=False: the paths only (a data-parallel rank other than 0, which writes nothing)."""
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.last, self.best, self.log_path = self.dir / "last.pt", self.dir / "best.pt", self.dir / "log.jsonl"
+        if not write:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         record = {k: v for k, v in vars(args).items()}
         record["git_commit"] = git_commit()
         record["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from fashion_search import distributed
 from fashion_search.errors import UserError
 
 
@@ -59,6 +60,24 @@ class ClassBalancedBatches(ShuffledBatches):
             batch = [rng.choice(self.by_class[c], self.per_class, replace=len(self.by_class[c]) < self.per_class)
                      for c in chosen]
             yield np.concatenate(batch).tolist()
+
+
+class RankShard:
+    """This process's part of every global batch of ``batches`` (fashion_search.distributed.shard): each rank reads
+    a disjoint shard, and the global order still depends only on the seed and the epoch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def set_epoch(self, epoch: int):
+        self.batches.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield distributed.shard(batch)[0]
 
 
 def batches(dataset, batch_sampler) -> torch.utils.data.DataLoader:

@@ -8,14 +8,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from fashion_search import checkpoint
+from fashion_search import checkpoint, distributed
 from fashion_search.errors import UserError
 from fashion_search.inference import embed_images
 from fashion_search.metrics import leave_one_out_precision
 from fashion_search.data import ImageRows
 from fashion_search.runs import Run
-from fashion_search.samplers import batches
-from fashion_search.transforms import augment, normalize
+from fashion_search.samplers import RankShard, batches
+from fashion_search.transforms import augment, augment_draws, normalize
 
 
 def training_fingerprint(args) -> dict:
@@ -74,12 +74,25 @@ def make_optimizer(model, args, device):
                              fused=device.type in ("cpu", "cuda"))
 
 
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module, so that DistributedDataParallel sees the forward pass however a loss
+    calls the model (model(x), model.embed(x), model.head(...))."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, images, labels, rows):
+        return self.loss_fn(self.model, images, labels, rows)
+
+
 class Trainer:
     """One model's optimisation state (model, optimizer, schedule, scaler, step counters), saved to last.pt after
     every epoch and restored from it by --resume."""
 
     def __init__(self, model, loss_fn, batch_sampler, args, runtime):
-        self.model, self.loss_fn, self.args, self.runtime = model, loss_fn, args, runtime
+        self.model, self.args, self.runtime = model, args, runtime
+        self.loss = distributed.wrap(LossModule(model, loss_fn), runtime.device)  # DDP under torchrun
         self.steps_per_epoch = len(batch_sampler)
         self.total_steps = min(args.epochs * self.steps_per_epoch, args.max_steps or 10**12)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -108,13 +121,14 @@ class Trainer:
         self.start_epoch, self.step = state["epoch"] + 1, state["step"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.budget.spent_before = state.get("seconds_spent", 0.0)
-        run.trim_log(self.start_epoch)  # lines of an epoch that was cut short are written again
-        print(f"resumed from {run.last} after epoch {state['epoch'] + 1}, step {self.step}")
+        if distributed.world().main:
+            run.trim_log(self.start_epoch)  # lines of an epoch that was cut short are written again
+            print(f"resumed from {run.last} after epoch {state['epoch'] + 1}, step {self.step}")
 
     def train_step(self, images, labels, rows) -> float:
         model = self.model
         with self.runtime.autocast():
-            loss = self.loss_fn(model, images, labels, rows)
+            loss = self.loss(images, labels, rows)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.args.grad_clip > 0:
@@ -128,20 +142,21 @@ class Trainer:
 
     def train_epoch(self, loader, epoch: int) -> dict:
         """One pass over the loader (cut short by --max-steps or the budget): loss, throughput and data wait."""
-        self.model.train()
+        self.loss.train()
         loader.batch_sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)  # augmentation, per epoch
+        draws = augment_draws(len(loader.dataset), torch.Generator().manual_seed(self.args.seed * 100_003 + epoch))
         started, data_wait, loss_sum, seen, out_of_time = time.perf_counter(), 0.0, 0.0, 0, False
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False, disable=None)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False,
+                   disable=None if distributed.world().main else True)
         fetch_started = time.perf_counter()
         for images, labels, rows in bar:
             if self.step >= self.total_steps:
                 break
-            if self.budget.is_up():
+            if self.budget.seconds is not None and distributed.broadcast(self.budget.is_up()):  # ranks agree
                 out_of_time = True
                 break
             images = augment(normalize(images, self.model.mean, self.model.std, self.runtime.device,
-                                       self.model.channels_last), generator)
+                                       self.model.channels_last), draws[rows])
             labels = labels.to(self.runtime.device, non_blocking=True)
             data_wait += time.perf_counter() - fetch_started
             loss = self.train_step(images, labels, rows)
@@ -150,15 +165,20 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             fetch_started = time.perf_counter()
         seconds = time.perf_counter() - started
-        return {"train_loss": loss_sum / max(1, seen), "seconds": seconds, "seen": seen, "data_wait": data_wait,
+        loss_sum, seen = distributed.total(loss_sum, seen)  # over the global batches
+        return {"train_loss": loss_sum / max(1, seen), "seconds": seconds, "seen": int(seen), "data_wait": data_wait,
                 "out_of_time": out_of_time}
 
     def validate(self, val_rows) -> float:
-        """precision@5 leave-one-out within val (model selection); its duration counts for the budget."""
+        """precision@5 leave-one-out within val (model selection), computed by rank 0; its duration counts for the
+        budget."""
         started = time.perf_counter()
-        embeddings = embed_images(self.model, val_rows.images, self.runtime.device, self.runtime.dtype,
-                                  self.args.eval_batch_size, "val")
-        score = leave_one_out_precision(embeddings, val_rows.labels, k=5)
+        score = None
+        if distributed.world().main:
+            embeddings = embed_images(self.model, val_rows.images, self.runtime.device, self.runtime.dtype,
+                                      self.args.eval_batch_size, "val")
+            score = leave_one_out_precision(embeddings, val_rows.labels, k=5)
+        score = distributed.broadcast(score)
         self.budget.last_val = time.perf_counter() - started
         return score
 
@@ -167,11 +187,13 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
         save_extra: dict):
     """AdamW + warmup/cosine, grad clipping, autocast; each epoch: a tqdm bar, validation precision@5
     (leave-one-out within val), one summary line, last.pt for --resume and best.pt when val improves. Returns the
-    best epoch's checkpoint, whose weights the model then holds."""
+    best epoch's checkpoint, whose weights the model then holds. Under torchrun every rank trains on its shard of
+    each batch and rank 0 alone writes."""
+    main = distributed.world().main
     model.to(runtime.device)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = batches(train_rows, batch_sampler)
+    loader = batches(train_rows, RankShard(batch_sampler))
     trainer = Trainer(model, loss_fn, batch_sampler, args, runtime)
     if args.resume and run.last.exists():
         trainer.resume(run)
@@ -181,23 +203,29 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
         improved = score > trainer.best_score
         if improved:
             trainer.best_score, trainer.best_epoch = score, epoch
-            checkpoint.save(run.best, {"model": model.state_dict(), "epoch": epoch, "val_precision@5": score,
-                                       **save_extra})
+            if main:
+                checkpoint.save(run.best, {"model": model.state_dict(), "epoch": epoch, "val_precision@5": score,
+                                           **save_extra})
         seconds = max(stats["seconds"], 1e-9)
         record = {"epoch": epoch + 1, "step": trainer.step, "train_loss": stats["train_loss"],
                   "val_precision@5": score, "lr": trainer.scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
                   "images_per_second": round(stats["seen"] / seconds, 1),
                   "data_wait_share": round(stats["data_wait"] / seconds, 4)}
-        run.log(record)
-        checkpoint.save(run.last, trainer.state(epoch))
-        print(f"epoch {epoch + 1}/{trainer.epochs} loss {record['train_loss']:.4f} val_precision@5 {score:.4f}"
-              f"{' *' if improved else ''} {record['images_per_second']:.0f} img/s "
-              f"data-wait {record['data_wait_share']:.1%}", flush=True)
+        if main:
+            run.log(record)
+            checkpoint.save(run.last, trainer.state(epoch))
+            print(f"epoch {epoch + 1}/{trainer.epochs} loss {record['train_loss']:.4f} val_precision@5 {score:.4f}"
+                  f"{' *' if improved else ''} {record['images_per_second']:.0f} img/s "
+                  f"data-wait {record['data_wait_share']:.1%}", flush=True)
         if trainer.step >= trainer.total_steps:
             break
-        if stats["out_of_time"] or trainer.budget.is_up():
-            print(f"time budget of {args.time_budget:g} min reached after {trainer.step} steps (epoch {epoch + 1})")
+        if stats["out_of_time"] or (args.time_budget and distributed.broadcast(trainer.budget.is_up())):
+            if main:
+                print(f"time budget of {args.time_budget:g} min reached after {trainer.step} steps (epoch {epoch + 1})")
             break
+    if not distributed.replicas_identical(model):
+        raise RuntimeError("data-parallel replicas diverged: their weights differ after training")
+    distributed.barrier()  # best.pt is written
     if not run.best.exists():
         raise UserError(f"no epoch finished in {run.dir}; nothing to export")
     state = checkpoint.load(run.best, map_location=runtime.device)

@@ -14,11 +14,17 @@ def normalize(images_uint8: torch.Tensor, mean, std, device, channels_last=False
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random zoom-in (scale 0.8-1) with shift, on a float batch [B, 3, S, S],
-    in one grid_sample so that it runs on the training device."""
+def augment_draws(rows: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, 4] uniform draws, one set per training row for an epoch: a row's augmentation then depends only on
+    (seed, epoch, row), not on the batch or the process it lands in (data-parallel training shards every batch)."""
+    return torch.rand(rows, 4, generator=generator)
+
+
+def augment(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Random horizontal flip and random zoom-in (scale 0.8-1) with shift, on a float batch [B, 3, S, S] with the
+    batch rows' draws [B, 4], in one grid_sample so that it runs on the training device."""
     batch = images.shape[0]
-    rand = torch.rand(batch, 4, generator=generator).to(images.device)
+    rand = draws.to(images.device)
     scale = 0.8 + 0.2 * rand[:, 0]
     flip = torch.where(rand[:, 1] < 0.5, -1.0, 1.0)
     shift_x = (rand[:, 2] * 2 - 1) * (1 - scale)

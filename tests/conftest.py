@@ -1,9 +1,11 @@
 """Shared fixtures: a small hub-layout dataset of real JPEG bytes that the tests generate, the processed splits,
 and tiny trained runs. No test touches the network: the hub is switched to offline mode before any import."""
+import functools
 import io
 import ipaddress
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -195,3 +197,25 @@ def served(service):
     page = app.serve(service, port=port, block=False, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     page.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def loopback_namespace(command: list[str]) -> list[str]:
+    """``command`` run in a new network namespace with only loopback up: whatever a child process does (gloo picking
+    an interface, Ray finding its address), no packet can leave the machine."""
+    if not _can_unshare():
+        pytest.skip("needs `unshare --net` (root, or user namespaces) to keep child processes on loopback")
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+
+
+def child_env(**extra) -> dict:
+    """The environment for a child Python process of a test: offline, one thread per process (2 cores), quiet."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", **extra}

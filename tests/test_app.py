@@ -159,7 +159,8 @@ def test_slow_body_hits_the_total_deadline(server, monkeypatch):
 
 def catalog_photo(service, position=0):
     """(id, JPEG bytes) of a catalog item, exactly as the dataset stores it."""
-    return int(service.catalog.meta.at[position, "id"]), service.catalog.image_bytes(position)
+    key = service.catalog.store.keys()[position]
+    return int(key), service.catalog.image_bytes(key)
 
 
 def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_runs):
@@ -217,7 +218,7 @@ def test_calibration_photos_are_decoded_catalog_photos(service):
     size = service.encoder.image_size
     photos = catalog.calibration_photos(service.catalog, size, count=10)
     assert photos.shape == (10, 3, size, size) and photos.dtype == np.uint8
-    first = decode_square(service.catalog.image_bytes(0), size)
+    first = decode_square(service.catalog.image_bytes(service.catalog.store.keys()[0]), size)
     assert np.array_equal(photos[0], first)  # spread over the catalog from its first row to its last
     assert catalog.calibration_photos(service.catalog, size, count=QUERY_BATCH - 1) is None  # under one batch
 
@@ -230,7 +231,7 @@ def test_the_item_itself_comes_first(service):
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
     assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score",
                                "confidence", "close_match"}
-    item = service.catalog.meta.iloc[service.catalog.row_of_id[catalog.id_key(item_id)]]  # the record is that item's metadata
+    _, item = service.catalog.store.fetch(catalog.id_key(item_id))  # the record is that item's metadata
     assert all(results[0][field] == item[field] for field in catalog.RESULT_FIELDS)
     assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
 
@@ -258,8 +259,8 @@ def test_filters_apply_inside_the_search(service):
     results = service.search_image_bytes(data, "Women", "Accessories", None)
     assert len(results) == 5
     assert all(r["gender"] == "Women" for r in results)
-    meta = service.catalog.meta.set_index("id")
-    assert all(meta.loc[r["id"], "masterCategory"] == "Accessories" for r in results)
+    assert all(service.catalog.store.fetch(catalog.id_key(r["id"]))[1]["masterCategory"] == "Accessories"
+               for r in results)
 
 
 def test_text_query(service):
@@ -277,16 +278,20 @@ def test_bad_upload_is_a_clear_message(service, tmp_path):
 
 
 def test_index_is_persisted_reused_and_rebuilt_when_stale(service, trained_runs, cache_dir):
-    run = trained_runs["clip"]
-    info = json.loads((run / "index" / "index.json").read_text())
-    assert info["rows"] == len(service.catalog) and info["dim"] == service.encoder.dim
-    stamp = (run / "index" / "catalog.faiss").stat().st_mtime_ns
-    args = app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)])
+    folder = trained_runs["clip"] / "index"
+    version = json.loads((folder / "CURRENT").read_text())["version"]
+    info = json.loads((folder / version / "store.json").read_text())
+    assert info["items"] == len(service.catalog) and info["dim"] == service.encoder.dim
+    stamp = (folder / version / "index.faiss").stat().st_mtime_ns
+    args = app.parse_args(["--run", str(trained_runs["clip"]), "--cache-dir", str(cache_dir)])
     app.load_service(args)
-    assert (run / "index" / "catalog.faiss").stat().st_mtime_ns == stamp  # reused
-    (run / "index" / "index.json").write_text(json.dumps({**info, "fingerprint": "stale"}))
+    assert json.loads((folder / "CURRENT").read_text())["version"] == version  # reused
+    assert (folder / version / "index.faiss").stat().st_mtime_ns == stamp
+    (folder / version / "store.json").write_text(json.dumps({**info, "fingerprint": "stale"}))
     app.load_service(args)
-    assert json.loads((run / "index" / "index.json").read_text())["fingerprint"] == info["fingerprint"]  # rebuilt
+    rebuilt = json.loads((folder / "CURRENT").read_text())["version"]
+    assert rebuilt > version
+    assert json.loads((folder / rebuilt / "store.json").read_text())["fingerprint"] == info["fingerprint"]
 
 
 def test_catalog_from_another_dataset(trained_runs, hub_dataset, cache_dir, tmp_path):

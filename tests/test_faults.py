@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_args
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_torch_save
-from fashion_search.serving import index
+from fashion_search.stores import faiss_store as index
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -131,12 +131,16 @@ def test_damaged_index_files_are_rebuilt_not_served(trained_runs, cache_dir, tmp
     run = tmp_path / "run"
     shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
     args = app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)])
-    app.load_service(args)
-    for damage in ((run / "index" / "catalog.faiss", b"not an index"), (run / "index" / "index.json", b"{not json")):
-        damage[0].write_bytes(damage[1])
+    service, _ = app.load_service(args)
+    items = len(service.catalog)
+    folder = run / "index"
+    for damaged in ("index.faiss", "items.parquet", "store.json", "CURRENT"):
+        version = json.loads((folder / "CURRENT").read_text())["version"]
+        (folder / (damaged if damaged == "CURRENT" else f"{version}/{damaged}")).write_bytes(b"{not what it was")
         service, _ = app.load_service(args)
-        assert service.catalog.index.ntotal == len(service.catalog)
-        assert json.loads((run / "index" / "index.json").read_text())["rows"] == len(service.catalog)
+        assert len(service.catalog) == items and service.catalog.store.kind == "IndexFlatIP"
+        version = json.loads((folder / "CURRENT").read_text())["version"]
+        assert json.loads((folder / version / "store.json").read_text())["items"] == items  # rebuilt whole
 
 
 def test_index_type_follows_catalog_size():

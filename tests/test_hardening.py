@@ -189,12 +189,12 @@ def test_a_folder_of_photos_is_a_catalog_with_ids_from_file_names(trained_runs, 
     shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
     service, _ = app.load_service(app.parse_args(["--run", str(run), "--dataset", str(photos),
                                                   "--cache-dir", str(cache_dir)]))
-    assert sorted(service.catalog.meta["id"]) == sorted(colours) and service.filter_columns == []
+    assert sorted(service.catalog.store.keys()) == sorted(colours) and service.filter_columns == []
     results = service.search_image_bytes(jpeg(colours["green-cap"]))
     assert results[0]["id"] == "green-cap" and results[0]["articleType"] == "" and len(results) == 5
     assert service.search_item("green-cap")[0]["id"] == "green-cap"
     with pytest.raises(QueryError, match="cannot be filtered by gender"):
-        service.catalog.search(service.catalog.embeddings[0], {"gender": "Men"})
+        service.catalog.search(service.catalog.vector("red-dress"), {"gender": "Men"})
 
 
 def write_dataset(folder, columns):
@@ -256,7 +256,7 @@ def test_base_colour_filters_and_unknown_values_name_the_valid_ones(service, ser
     import httpx
 
     assert service.filter_columns == ["gender", "masterCategory", "articleType", "baseColour"]
-    data = service.catalog.image_bytes(0)
+    data = service.catalog.image_bytes(service.catalog.store.keys()[0])
     reds = service.search_image_bytes(data, None, None, None, "Red")
     assert reds and all(r["baseColour"] == "Red" for r in reds)
     with pytest.raises(QueryError, match=r"unknown baseColour 'Mauve'; valid values: Black, Blue, Green, Red"):

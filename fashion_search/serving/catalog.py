@@ -1,5 +1,5 @@
-"""The catalog: every item's metadata, embedding and photo, its index, and the search with filters. Built from a
-clip.py run's own embeddings, or from any dataset embedded with the run's model."""
+"""The catalog: its items in a vector store (fashion_search.stores) with their records, each item's photo, and the
+search with filters. Built from a clip.py run's own embeddings, or from any dataset embedded with the run's model."""
 from __future__ import annotations
 
 import json
@@ -11,79 +11,112 @@ import pandas as pd
 from fashion_search.data import SPLITS, catalog_splits, cell_bytes, image_cache, load_processed, metadata_frame
 from fashion_search.embed import job_embed
 from fashion_search.errors import UserError
-from fashion_search.files import atomic_save_npy, atomic_write_parquet, file_sha256
+from fashion_search.files import file_sha256, fingerprint
 from fashion_search.images import decode_square
 from fashion_search.inference import EMBED_BATCH
 from fashion_search.runs import load_split
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
 from fashion_search.serving.errors import QueryError
-from fashion_search.serving.index import catalog_fingerprint, load_or_build_index, read_json
+from fashion_search.stores import FILTER_COLUMNS, open_store
 
 TOP_K = 5
 ANY = "Any"
-
-
-FILTER_COLUMNS = ("gender", "masterCategory", "articleType", "baseColour")
 
 
 RESULT_FIELDS = ("id", "productDisplayName", "articleType", "baseColour", "gender")
 
 
 class Catalog:
-    """Metadata, embeddings and FAISS index of every catalog item, with the image of each row on demand."""
+    """The catalog items in a store (their vectors and records) and where each item's photo comes from. Searches see
+    items another process adds or removes (catalog.py) without a restart."""
 
-    def __init__(self, embeddings: np.ndarray, meta: pd.DataFrame, image_bytes, index):
-        """image_bytes(split, row) -> the encoded photo of a catalog row."""
-        self.embeddings, self.meta, self.index = embeddings, meta.reset_index(drop=True), index
-        self._image_bytes = image_bytes
-        self.row_of_id = {id_key(i): r for r, i in enumerate(self.meta["id"])}
-        # String views of the filter columns the catalog has, made once rather than on every filtered query.
-        self.filter_values = {c: self.meta[c].astype(str).to_numpy() for c in FILTER_COLUMNS if c in self.meta}
-        self.valid_values = {c: set(values) for c, values in self.filter_values.items()}
-        # The result columns as arrays: a query's 5 records cost far less from these than from pandas cell look-ups
-        # (DataFrame.at; BENCHMARKS.md, section 3). A column the catalog lacks (a user's own photos) shows as empty.
-        self.result_values = {field: self.meta[field].to_numpy() if field in self.meta else np.full(len(meta), "")
-                              for field in RESULT_FIELDS}
+    def __init__(self, store, photos: "PhotoSource"):
+        self.store, self.photos = store, photos
+        self._choices = self._read_choices()
+
+    def _read_choices(self) -> dict:
+        return {column: values for column in FILTER_COLUMNS if (values := self.store.values(column))}
 
     def __len__(self):
-        return len(self.meta)
+        self.refresh()
+        return self.store.count()
 
-    def image_bytes(self, row: int) -> bytes:
-        return self._image_bytes(self.meta.at[row, "split"], self.meta.at[row, "row"])
+    @property
+    def filter_columns(self) -> list[str]:
+        """The filter columns this catalog has values for, in the page's order."""
+        return list(self._choices)
 
     def choices(self, column):
-        return [ANY] + sorted(self.meta[column].dropna().astype(str).unique().tolist())
+        return [ANY] + self._choices.get(column, [])
+
+    def refresh(self):
+        if self.store.refresh():
+            self._choices = self._read_choices()
 
     def check_filters(self, filters: dict) -> dict:
         """The filters that restrict (value given and not Any); QueryError for a column the catalog lacks or a value
         it never holds, naming the valid ones, rather than an empty result."""
         active = {column: str(value) for column, value in filters.items() if value not in (None, "", ANY)}
         for column, value in active.items():
-            if column not in self.filter_values:
-                offered = ", ".join(self.filter_values) or "none"
+            if column not in self._choices:
+                offered = ", ".join(self._choices) or "none"
                 raise QueryError(f"this catalog cannot be filtered by {column} (filters: {offered})")
-            if value not in self.valid_values[column]:
-                raise QueryError(f"unknown {column} {value!r}; valid values: "
-                                 f"{', '.join(self.choices(column)[1:])}")
+            if value not in self._choices[column]:
+                raise QueryError(f"unknown {column} {value!r}; valid values: {', '.join(self._choices[column])}")
         return active
 
     def search(self, vector: np.ndarray, filters: dict | None = None, k: int = TOP_K) -> list[dict]:
-        """Top k rows by cosine similarity, best first. Filters restrict the candidates before ranking, so k
-        matching items come back whenever k exist."""
-        vector = np.ascontiguousarray(vector, dtype=np.float32)[None]
-        mask = np.ones(len(self.meta), dtype=bool)
-        for column, value in self.check_filters(filters or {}).items():
-            mask &= self.filter_values[column] == value
-        if mask.all():
-            scores, rows = self.index.search(vector, min(k, len(self.meta)))
-            scores, rows = scores[0], rows[0]
-        else:
-            candidates = np.flatnonzero(mask)
-            similarity = self.embeddings[candidates] @ vector[0]  # exact over the filtered subset
-            top = np.argsort(-similarity, kind="stable")[:k]
-            scores, rows = similarity[top], candidates[top]
-        return [{**{field: _plain(values[row]) for field, values in self.result_values.items()},
-                 "score": round(float(s), 4)} for s, row in zip(scores, rows) if row >= 0]
+        """Top k items by cosine similarity, best first. The store filters inside its search, so k matching items
+        come back whenever k exist."""
+        self.refresh()
+        hits = self.store.search(vector, k, self.check_filters(filters or {}))
+        # a field the catalog lacks (a user's own photos) shows as empty
+        return [{**{field: "" if hit.record.get(field) is None else hit.record[field] for field in RESULT_FIELDS},
+                 "score": round(hit.score, 4)} for hit in hits]
+
+    def vector(self, item_id) -> np.ndarray | None:
+        self.refresh()
+        found = self.store.fetch(id_key(item_id))
+        return None if found is None else found[0]
+
+    def image_bytes(self, item_id) -> bytes:
+        found = self.store.fetch(id_key(item_id))
+        if found is None:
+            raise QueryError(f"no catalog item with id {item_id}")
+        return self.photos.read(found[1])
+
+
+class PhotoSource:
+    """An item's photo: a row of the catalog's dataset (records with split and row), or a file that catalog.py
+    copied into the index's photos folder (records with photo)."""
+
+    def __init__(self, splits: dict, folder: Path):
+        self.folder = Path(folder)
+        self._dataset = dataset_image_bytes(splits)
+        self.splits = {name: len(split) for name, split in splits.items()}
+
+    def read(self, record: dict) -> bytes:
+        if record.get("photo"):
+            return (self.folder / Path(record["photo"]).name).read_bytes()  # a bare file name: nothing outside
+        return self._dataset(record["split"], record["row"])
+
+    def spread(self, count: int):
+        """Encoded photos of up to ``count`` dataset rows, spread evenly over the whole catalog."""
+        places = [(name, row) for name, rows in self.splits.items() for row in range(rows)]
+        for place in np.linspace(0, len(places) - 1, min(count, len(places))).astype(int):
+            yield self._dataset(*places[place])
+
+
+def item_records(meta: pd.DataFrame) -> tuple[list[str], list[dict]]:
+    """Store keys and records of catalog rows: the result fields, the filter columns and where the photo is."""
+    columns = [c for c in dict.fromkeys(("id",) + RESULT_FIELDS + FILTER_COLUMNS + ("split", "row", "photo"))
+               if c in meta]
+    records = json.loads(meta[columns].to_json(orient="records"))  # plain Python values, missing ones as None
+    keys = [id_key(value) for value in meta["id"]]
+    if len(set(keys)) < len(keys):
+        twice = pd.Series(keys)[pd.Series(keys).duplicated()].iloc[0]
+        raise UserError(f"the catalog has item id {twice} more than once: ids must be unique")
+    return keys, records
 
 
 def _plain(value):
@@ -109,71 +142,94 @@ def dataset_image_bytes(splits: dict):
     return get
 
 
-def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str) -> Catalog:
+def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str,
+                     index: str = "faiss", ray_actors: int = 0) -> Catalog:
     """The fine-tuned run's own embeddings of every split (the whole catalog), or, with --dataset, that dataset
-    embedded with the run's model."""
+    embedded with the run's model (by Ray actors with ray_actors), in the store ``index`` names."""
     if dataset:
-        return catalog_from_dataset(dataset, encoder, run / "index", cache_dir, model_id=str(run / "hf_model"))
+        return catalog_from_dataset(dataset, encoder, run / "index", cache_dir, str(run / "hf_model"), index,
+                                    ray_actors)
     args = json.loads((run / "args.json").read_text())
     data, _ = load_processed(args["data"])
-    parts, embeddings, metas = {}, [], []
-    for split in SPLITS:
-        path = run / "embeddings" / f"{split}.npy"
+    paths = {split: run / "embeddings" / f"{split}.npy" for split in SPLITS}
+    for path in paths.values():
         if not path.exists():
             raise UserError(f"{path} is missing: rerun clip.py or pass --dataset")
-        vectors, meta = load_split(run, split)
-        embeddings.append(vectors)
-        metas.append(meta)
-        parts[split] = file_sha256(path)
-    embeddings = np.concatenate(embeddings)
-    if embeddings.shape[1] != encoder.dim:
-        raise UserError(f"{run}/embeddings have dimension {embeddings.shape[1]} but {run}/hf_model "
-                               f"embeds to {encoder.dim}: the run's files do not belong together")
-    meta = pd.concat(metas, ignore_index=True)
+    parts = {split: file_sha256(path) for split, path in paths.items()}
     parts["model"] = file_sha256(next((run / "hf_model").glob("*.safetensors")))
-    fingerprint = catalog_fingerprint(parts)
-    index = load_or_build_index(run / "index", embeddings, fingerprint)
-    return Catalog(embeddings, meta, dataset_image_bytes(data), index)
+    built_from = fingerprint(parts)
+    store = open_store(index, run / "index", encoder.dim, built_from)
+    if store.fingerprint != built_from:  # new, or built from another model or catalog
+        splits = [load_split(run, split) for split in SPLITS]
+        embeddings = np.concatenate([vectors for vectors, _ in splits])
+        if embeddings.shape[1] != encoder.dim:
+            raise UserError(f"{run}/embeddings have dimension {embeddings.shape[1]} but {run}/hf_model "
+                            f"embeds to {encoder.dim}: the run's files do not belong together")
+        keys, records = item_records(pd.concat([meta for _, meta in splits]))
+        store.build(built_from, keys, embeddings, records)
+    return Catalog(store, PhotoSource(data, run / "index" / "photos"))
 
 
-def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str):
+class EncoderEmbedder:
+    """A picklable recipe for the encoder's embedding function, built where it runs (a Ray actor)."""
+
+    def __init__(self, model_path: str, device: str):
+        self.model_path, self.device = model_path, device
+
+    def __call__(self):
+        return Encoder(self.model_path, self.device, int8=False).embed_pixels
+
+
+def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, ray_actors: int = 0):
+    """Every decodable photo of a dataset's splits embedded with the encoder: (float32 [N, D], row metadata with
+    split and row). With ray_actors, a pool of that many Ray actors embeds them (--engine ray)."""
+    embeddings, metas = [], []
+    cached = {name: image_cache(split, encoder.image_size, cache_dir) for name, split in splits.items()}
+    if ray_actors:
+        from fashion_search import ray_engine
+
+        image_sets = [images if ok.all() else images[np.flatnonzero(ok)] for images, ok in cached.values()]
+        factory = EncoderEmbedder(encoder.model_path, str(encoder.device))
+        embeddings = ray_engine.embed(factory, image_sets, ray_actors,
+                                      gpus_per_actor=1 if encoder.device.type == "cuda" else 0)
+        metas = [metadata_frame(split.select(np.flatnonzero(ok)), name).assign(row=np.flatnonzero(ok))
+                 for (name, split), (_, ok) in zip(splits.items(), cached.values())]
+        return np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
+    with job_embed(encoder, [images for images, _ in cached.values()], encoder.device, encoder.dtype,
+                   EMBED_BATCH) as compiled:  # one graph for every split
+        for name, split in splits.items():
+            images, ok = cached[name]
+            keep = np.flatnonzero(ok)
+            embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], progress=True,
+                                                   compiled=compiled))
+            metas.append(metadata_frame(split.select(keep), name).assign(row=keep))
+    return np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
+
+
+def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str,
+                         index: str = "faiss", ray_actors: int = 0):
     """Embed a whole dataset (hub name, hub-layout or processed folder, or a folder of image files) and index it;
-    cached in index_dir."""
+    the store keeps it (a FAISS store in index_dir), so a second start embeds nothing."""
     splits = catalog_splits(spec)
     weights = sorted(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
     parts = {"model": file_sha256(weights[0]) if weights else model_id, "image_size": encoder.image_size,
              **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
-    fingerprint = catalog_fingerprint(parts)
-    cached_vectors, cached_meta = index_dir / "catalog.npy", index_dir / "catalog.parquet"
-    info_path = index_dir / "index.json"
-    fresh = read_json(info_path).get("catalog") == fingerprint
-    if fresh and cached_vectors.exists() and cached_meta.exists():
-        embeddings, meta = np.load(cached_vectors), pd.read_parquet(cached_meta)
-    else:
-        embeddings, metas = [], []
-        cached = {name: image_cache(split, encoder.image_size, cache_dir) for name, split in splits.items()}
-        with job_embed(encoder, [images for images, _ in cached.values()], encoder.device, encoder.dtype,
-                              EMBED_BATCH) as compiled:  # one graph for every split
-            for name, split in splits.items():
-                images, ok = cached[name]
-                keep = np.flatnonzero(ok)
-                embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], progress=True,
-                                                       compiled=compiled))
-                metas.append(metadata_frame(split.select(keep), name).assign(row=keep))
-        embeddings, meta = np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
-        atomic_save_npy(cached_vectors, embeddings)
-        atomic_write_parquet(cached_meta, meta)
-    index = load_or_build_index(index_dir, embeddings, fingerprint)
-    return Catalog(embeddings, meta, dataset_image_bytes(splits), index)
+    built_from = fingerprint(parts)
+    store = open_store(index, index_dir, encoder.dim, built_from)
+    if store.fingerprint != built_from:
+        embeddings, meta = embed_dataset(splits, encoder, cache_dir, ray_actors)
+        keys, records = item_records(meta)
+        store.build(built_from, keys, embeddings, records)
+    return Catalog(store, PhotoSource(splits, index_dir / "photos"))
 
 
 def calibration_photos(catalog: Catalog, size: int, count=INT8_CALIBRATION_PHOTOS) -> np.ndarray | None:
     """uint8 [N, 3, S, S]: catalog photos spread over the whole catalog, decoded as queries are, to calibrate the
     int8 graph on (None when fewer than a batch of them decode)."""
     photos = []
-    for row in np.linspace(0, len(catalog) - 1, min(count, len(catalog))).astype(int):
+    for data in catalog.photos.spread(count):
         try:
-            photos.append(decode_square(catalog.image_bytes(row), size))
+            photos.append(decode_square(data, size))
         except (ValueError, OSError, TypeError, KeyError):  # a missing or broken photo: calibrate on the others
             continue
     return np.stack(photos) if len(photos) >= QUERY_BATCH else None

@@ -14,7 +14,7 @@ from fashion_search.inference import embed_images
 from fashion_search.runtime import autocast_dtype, resolve_device
 from fashion_search.serving.batching import MicroBatcher
 from fashion_search.serving.errors import QueryError
-from fashion_search.serving.index import read_json
+from fashion_search.files import read_json
 
 HUB_MODEL = "openai/clip-vit-base-patch32"
 
@@ -70,6 +70,7 @@ class Encoder:
 
         transformers_logging.disable_progress_bar()  # a local model loads in a moment: no bar in the server's log
 
+        self.model_path = model_path
         self.model = backbones.load_pretrained(CLIPModel.from_pretrained, model_path, "CLIP model").eval()
         self.tokenizer = backbones.load_pretrained(CLIPTokenizer.from_pretrained, model_path, "CLIP tokenizer")
         processor = backbones.load_pretrained(CLIPImageProcessor.from_pretrained, model_path, "CLIP image processor")

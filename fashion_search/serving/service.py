@@ -1,6 +1,7 @@
 """The search service: everything the page and the API do, without Gradio."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from fashion_search import calibration
 from fashion_search.images import open_image
-from fashion_search.serving.catalog import FILTER_COLUMNS, Catalog, id_key
+from fashion_search.serving.catalog import Catalog, id_key
 from fashion_search.serving.encoder import Encoder
 from fashion_search.serving.errors import QueryError
 from fashion_search.serving.fetch import fetch_url
@@ -30,7 +31,7 @@ class SearchService:
     @property
     def filter_columns(self) -> list[str]:
         """The filters this catalog offers, in the order the page and the Gradio API take their values."""
-        return [column for column in FILTER_COLUMNS if column in self.catalog.filter_values]
+        return self.catalog.filter_columns
 
     def filters(self, *values):
         return dict(zip(self.filter_columns, values))
@@ -73,14 +74,14 @@ class SearchService:
         return self.search(self.encoder.embed_text(text), *filters)
 
     def search_item(self, item_id, *filters):
-        row = self.catalog.row_of_id.get(id_key(item_id))
-        if row is None:
+        vector = self.catalog.vector(item_id)
+        if vector is None:
             raise QueryError(f"no catalog item with id {item_id}")
-        return self.search(self.catalog.embeddings[row], *filters)
+        return self.search(vector, *filters)
 
     def gallery(self, results):
         """(photo file, short caption) per result; describe() gives each result's details in full."""
-        return [(self.photo_file(self.catalog.row_of_id[id_key(r["id"])]), f"{rank}. {self.how_close(r)}")
+        return [(self.photo_file(r["id"]), f"{rank}. {self.how_close(r)}")
                 for rank, r in enumerate(results, 1)]
 
     @staticmethod
@@ -103,14 +104,15 @@ class SearchService:
             lines.append(f"| {rank} | {' | '.join(cells)} | {self.how_close(r)} |")
         return "\n".join(lines)
 
-    def photo_file(self, row: int) -> str:
+    def photo_file(self, item_id) -> str:
         """A catalog photo as a JPEG file for the page's gallery, written the first time the item is shown. Gradio
         serves a file as it is, where it re-encoded a PIL image on every query (as WebP; BENCHMARKS.md, section 3).
         Decoded and re-encoded once, so any format the catalog holds reaches the browser as an upright RGB JPEG. At most one file of a few KB per catalog item, in a folder removed with the
         service."""
-        path = Path(self._photos.name) / f"{row}.jpg"
+        name = hashlib.sha256(id_key(item_id).encode()).hexdigest()[:24]  # any id, as a safe file name
+        path = Path(self._photos.name) / f"{name}.jpg"
         if not path.exists():
-            partial = path.with_name(f".{row}.{threading.get_ident()}.jpg")
-            open_image(self.catalog.image_bytes(row)).save(partial, "JPEG", quality=90)
+            partial = path.with_name(f".{name}.{threading.get_ident()}.jpg")
+            open_image(self.catalog.image_bytes(item_id)).save(partial, "JPEG", quality=90)
             os.replace(partial, path)  # whole files only, also when two queries show the same item at once
         return str(path)

@@ -1,0 +1,189 @@
+"""Milvus behind the store interface, through one pymilvus client for both forms:
+
+- ``milvus:PATH.db``: Milvus Lite, embedded in the process. It searches by brute force: the embedded twin for tests
+  and small catalogs, not a replacement for the FAISS default.
+- ``milvus://HOST:PORT/COLLECTION``: a Milvus server or cluster, with an HNSW index by default.
+
+Options follow a ``?``: ``index=FLAT|HNSW|DISKANN`` and ``consistency=Strong|Bounded|Session|Eventually``.
+
+Consistency, per call. Searches and look-ups use Bounded by default: they do not wait for the server's time tick
+(a Strong search waits for it, a few hundred ms), so an item written by another process (catalog.py) shows up
+within the server's staleness bound, seconds, rather than at once. ``count`` and the end of ``build`` use Strong: they
+report, and publish, exactly what was written. A write (upsert, delete) is atomic per request, not across a whole
+update: an interrupted ``catalog.py add`` leaves some of its items added, and running it again completes it (upserts
+replace by key).
+"""
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from fashion_search.errors import UserError
+from fashion_search.stores import FILTER_COLUMNS, Hit, chunks, filter_values
+
+DEFAULT_COLLECTION = "fashion_catalog"
+FINGERPRINT_PROPERTY = "fashion_search.fingerprint"  # set once the base catalog is completely written
+KEY_LENGTH, TEXT_LENGTH = 512, 1024
+WRITE_BATCH = 1_000
+HNSW_PARAMS = {"M": 32, "efConstruction": 64}  # as the FAISS default (stores.faiss_store)
+SEARCH_EF = 64
+INDEXES = ("FLAT", "HNSW", "DISKANN")
+CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
+
+
+def parse_spec(spec: str) -> dict:
+    """'milvus:PATH.db[?opts]' or 'milvus://HOST:PORT/COLLECTION[?opts]' -> client uri, collection, options."""
+    body, _, query = spec[len("milvus:"):].partition("?")
+    options = {name: values[-1] for name, values in parse_qs(query).items()}
+    if body.startswith("//"):
+        parts = urlsplit("http:" + body)
+        if not parts.hostname or not parts.port:
+            raise UserError(f"--index {spec!r}: give the server as milvus://HOST:PORT/COLLECTION")
+        target = {"uri": f"http://{parts.hostname}:{parts.port}", "lite": False,
+                  "collection": parts.path.strip("/") or DEFAULT_COLLECTION}
+    elif body.endswith(".db"):
+        target = {"uri": body, "lite": True, "collection": DEFAULT_COLLECTION}
+    else:
+        raise UserError(f"--index {spec!r}: Milvus Lite takes a file ending in .db (milvus:PATH.db)")
+    index = options.get("index", "FLAT" if target["lite"] else "HNSW").upper()
+    consistency = options.get("consistency", "Bounded").capitalize()
+    if index not in INDEXES or consistency not in CONSISTENCY:
+        raise UserError(f"--index {spec!r}: index is one of {', '.join(INDEXES)}, consistency one of "
+                        f"{', '.join(CONSISTENCY)}")
+    return {**target, "index": index, "consistency": consistency}
+
+
+def filter_expression(filters: dict | None) -> str:
+    # json.dumps quotes and escapes each value as a Milvus string literal
+    return " and ".join(f"{column} == {json.dumps(str(value))}" for column, value in (filters or {}).items())
+
+
+class MilvusStore:
+    def __init__(self, client, target: dict, dim: int, fingerprint: str):
+        self.client, self.target, self.dim, self.fingerprint = client, target, dim, fingerprint
+        self.collection = target["collection"]
+
+    @classmethod
+    def open(cls, spec: str, dim: int, fingerprint: str, create: bool = True) -> "MilvusStore":
+        target = parse_spec(spec)
+        try:
+            from pymilvus import MilvusClient
+        except ImportError:
+            raise UserError("--index milvus needs pymilvus: pip install -r requirements-scale.txt") from None
+        try:
+            client = MilvusClient(uri=target["uri"])
+        except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for an unreachable server
+            raise UserError(f"cannot reach Milvus at {target['uri']} ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
+        name = target["collection"]
+        if not client.has_collection(name):
+            if not create:
+                raise UserError(f"no collection {name!r} at {target['uri']}")
+            create_collection(client, name, dim, target["index"])
+            return cls(client, target, dim, "")
+        described = client.describe_collection(name)
+        stored_dim = next(f["params"].get("dim") for f in described["fields"] if f["name"] == "vector")
+        stored = (described.get("properties") or {}).get(FINGERPRINT_PROPERTY, "")
+        if int(stored_dim) != dim or (stored and fingerprint and stored != fingerprint):
+            raise UserError(f"Milvus collection {name!r} at {target['uri']} holds another catalog or model "
+                            f"(dimension {stored_dim}): pass another collection, or drop this one")
+        client.load_collection(name)
+        return cls(client, target, dim, stored)
+
+    # writes ------------------------------------------------------------------------------------------------------
+
+    def build(self, fingerprint, keys, vectors, records):
+        """Upsert everything, wait until it is all visible, then mark the collection as holding this catalog (an
+        interrupted build is resumed by the next open, which finds no mark)."""
+        self.upsert(keys, vectors, records)
+        self.count()  # Strong: returns once every write above is visible
+        self.wait_for_index(len(keys))
+        self.client.alter_collection_properties(self.collection, properties={FINGERPRINT_PROPERTY: fingerprint})
+        self.fingerprint = fingerprint
+
+    def wait_for_index(self, rows: int, timeout=1800.0):
+        """Seal the written segments and wait until the server's vector index covers them (until then it searches
+        them by brute force). Milvus Lite, which has no such index, returns at once."""
+        if self.target["lite"]:
+            return
+        self.client.flush(self.collection)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if int(self.client.describe_index(self.collection, "vector").get("indexed_rows", 0)) >= rows:
+                return
+            time.sleep(1)
+
+    def upsert(self, keys, vectors, records):
+        vectors = np.asarray(vectors, dtype=np.float32)
+        keys, records = list(keys), list(records)
+        for part in chunks(len(keys), WRITE_BATCH):
+            rows = [{"key": key, "vector": vector.tolist(), "record": json.loads(json.dumps(record, default=str)),
+                     **filter_values(record)} for key, vector, record in zip(keys[part], vectors[part],
+                                                                             records[part])]
+            self.client.upsert(self.collection, rows)
+
+    def delete(self, keys) -> int:
+        keys = list(dict.fromkeys(keys))
+        present = {row["key"] for row in self.client.get(self.collection, ids=keys, output_fields=["key"],
+                                                         consistency_level="Strong")} if keys else set()
+        if present:
+            self.client.delete(self.collection, ids=sorted(present))
+        return len(present)
+
+    # reads -------------------------------------------------------------------------------------------------------
+
+    def search(self, vector, k, filters=None) -> list[Hit]:
+        found = self.client.search(
+            self.collection, [np.asarray(vector, dtype=np.float32).tolist()], limit=k,
+            filter=filter_expression(filters), output_fields=["record"],
+            search_params={"metric_type": "IP", "params": {"ef": max(SEARCH_EF, k)}},
+            consistency_level=self.target["consistency"])
+        # hit.id: the primary key, which servers return as "id" and Milvus Lite under its field name
+        return [Hit(hit.id, float(hit["distance"]), hit["entity"]["record"]) for hit in found[0]]
+
+    def count(self) -> int:
+        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
+        return int(rows[0]["count(*)"])
+
+    def fetch(self, key):
+        rows = self.client.get(self.collection, ids=[key], output_fields=["vector", "record"],
+                               consistency_level=self.target["consistency"])
+        if not rows:
+            return None
+        return np.asarray(rows[0]["vector"], dtype=np.float32), rows[0]["record"]
+
+    def values(self, column) -> list[str]:
+        """Read through the whole collection once (the page's dropdowns, at start)."""
+        seen = set()
+        iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="",
+                                              output_fields=[column])
+        try:
+            while batch := iterator.next():
+                seen.update(row[column] for row in batch)
+        finally:
+            iterator.close()
+        return sorted(seen - {""})
+
+    def refresh(self) -> bool:
+        return False  # every search asks the server, at the store's consistency level
+
+    def close(self):
+        self.client.close()
+
+
+def create_collection(client, name: str, dim: int, index: str):
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_LENGTH)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("record", DataType.JSON)  # what a search returns, with its own types (an id may be a number)
+    for column in FILTER_COLUMNS:  # scalar copies of the filter columns, which the search filters on
+        schema.add_field(column, DataType.VARCHAR, max_length=TEXT_LENGTH)
+    params = client.prepare_index_params()
+    params.add_index("vector", index_type=index, index_name="vector", metric_type="IP",
+                     params=HNSW_PARAMS if index == "HNSW" else {})
+    client.create_collection(name, schema=schema, index_params=params)
