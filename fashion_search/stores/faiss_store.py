@@ -91,15 +91,13 @@ class State:
     filters: dict  # column -> str [P]
 
     @classmethod
-    def empty(cls, dim: int, fingerprint: str = ""):
+    def empty(cls, dim: int, fingerprint: str = "", version: int = 0):
+        """No items. ``version``: the last one on disk, so that a rebuilt store never reuses an old version's name."""
         import faiss
 
-        return cls(0, fingerprint, faiss.IndexFlatIP(dim), np.array([], dtype=object), np.array([], dtype=bool),
-                   np.array([], dtype=object), {c: np.array([], dtype=object) for c in FILTER_COLUMNS})
-
-    def _replace_version(self, version: int):
-        self.version = version  # versions keep counting up, so a rebuilt store never reuses an old version's name
-        return self
+        return cls(version, fingerprint, faiss.IndexFlatIP(dim), np.array([], dtype=object),
+                   np.array([], dtype=bool), np.array([], dtype=object),
+                   {c: np.array([], dtype=object) for c in FILTER_COLUMNS})
 
     @property
     def dead(self) -> int:
@@ -110,6 +108,10 @@ class State:
 
     def append(self, keys, vectors, records):
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.add_items(keys, records)
+
+    def add_items(self, keys, records):
+        """Keys, records and filter values of items whose vectors the index has just taken."""
         self.keys = np.concatenate([self.keys, np.asarray(keys, dtype=object)])
         self.live = np.concatenate([self.live, np.ones(len(keys), dtype=bool)])
         self.records = np.concatenate([self.records, np.asarray([json.dumps(r, default=str) for r in records],
@@ -138,7 +140,7 @@ class FaissStore:
         state = read_version(folder, dim)
         if state is not None and state.fingerprint != fingerprint:
             print(f"index in {folder} was built from another model or catalog: rebuilding")
-            state = State.empty(dim)._replace_version(state.version)
+            state = State.empty(dim, version=state.version)
         return cls(folder, dim, state or State.empty(dim))
 
     @property
@@ -223,10 +225,9 @@ class FaissStore:
 
     def build(self, fingerprint, keys, vectors, records):
         with self._writing():
-            state = State.empty(self.dim, fingerprint)
-            state.version = self._state.version
+            state = State.empty(self.dim, fingerprint, self._state.version)
             state.index = build_index(np.asarray(vectors, dtype=np.float32))
-            state.append(keys, np.empty((0, self.dim), np.float32), records)  # index already holds the vectors
+            state.add_items(keys, records)
             self._state = state
 
     def upsert(self, keys, vectors, records):
