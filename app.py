@@ -15,7 +15,7 @@ from fashion_search import calibration
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.runtime import device_arg, positive_int
-from fashion_search.serving import batching
+from fashion_search.serving import batching, gate
 from fashion_search.serving.catalog import ANY, calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
 from fashion_search.serving.errors import Busy, QueryError
@@ -40,17 +40,18 @@ def guarded(fn):
     return call
 
 
-def safe_preprocess(preprocess):
-    """An upload Pillow cannot open becomes the same clear message as any other bad image. (Wrapping the instance's
-    method rather than subclassing gr.Image: Gradio writes a .pyi stub beside every subclass.)"""
+def raw_upload(payload):
+    """The image input's preprocess: the uploaded file as it came, for the gate to check. Gradio's own preprocess
+    opens every upload with Pillow and converts and re-saves it in the format its file name asks for (a tiny palette
+    PNG named x.bmp becomes hundreds of MB) before any check of ours could run. (Set on the instance rather than
+    subclassing gr.Image: Gradio writes a .pyi stub beside every subclass.)"""
     import gradio as gr
 
-    def call(payload):
-        try:
-            return preprocess(payload)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the user's file, not the server
-            raise gr.Error(f"not a readable image ({type(exc).__name__})", print_exception=False) from None
-    return call
+    if payload is None:
+        return None
+    if payload.url and payload.url.startswith("data:"):
+        raise gr.Error("refused: send the photo as a file upload, not as a data: URL", print_exception=False)
+    return payload.path
 
 
 def query_tabs(service: SearchService):
@@ -60,7 +61,7 @@ def query_tabs(service: SearchService):
     with gr.Tabs():
         with gr.Tab("Photo"):
             image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
-            image.preprocess = safe_preprocess(image.preprocess)
+            image.preprocess = raw_upload
             image_button = gr.Button("Search by photo", variant="primary")
         with gr.Tab("Image URL"):
             url = gr.Textbox(label="image URL", placeholder="https://...")
@@ -219,59 +220,58 @@ def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
     model runs (BENCHMARKS.md, section 3); here it costs the model and little else.
 
         POST /api/search_image?gender=..&masterCategory=..&articleType=..   body: the image file's bytes
-        GET  /api/search_text?q=navy+shirt&gender=..                        (also /api/search_url?url=..)
-    Answer: {"results": [records, best first]}, or {"error": message} with status 400 (413 for too large, 503 with
-    Retry-After when MAX_PENDING requests are already waiting, 500 when the model failed)."""
+        GET  /api/search_text?q=navy+shirt&gender=..                        (also /api/search_url?url=..,
+                                                                             /api/search_item?id=..)
+    Answer: {"results": [records, best first]}, or {"error": message} with status 400 (408 for an upload slower than
+    the gate's deadline, 413 for too large, 503 with Retry-After when MAX_PENDING requests are already in progress,
+    500 when the model failed)."""
     from fastapi.responses import JSONResponse
     from fastapi.concurrency import run_in_threadpool
 
-    pending = [0]  # requests in progress on these routes (one event loop: no lock needed)
+    pending = [0]  # requests in progress on these routes, uploads included (one event loop: no lock needed)
 
     def error(exc: QueryError):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 503 else None
         return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
-    async def answer(search, query, *first):
-        filters = [query.get(column) for column in service.filter_columns]
-        unknown = sorted(set(query) - {"q", "url", *service.filter_columns})
-        if unknown:
-            return error(QueryError(f"unknown parameter {unknown[0]!r} (filters: {', '.join(service.filter_columns)})"))
-        if pending[0] >= MAX_PENDING:
-            return error(Busy("busy, try again in a moment"))
-        pending[0] += 1
-        try:  # the search runs in a worker thread: concurrent requests meet in the MicroBatcher
-            results = await run_in_threadpool(search, *first, *filters)
-            close = service.close_match(results)
-            return JSONResponse({"results": results} if close is None else {"results": results, "close_match": close})
-        except QueryError as exc:
-            return error(exc)
-        finally:
-            pending[0] -= 1
+    def route(search, first):
+        """A route: its slot is taken before anything is read (a full bound answers 503 at once), then ``first``
+        reads the query's first argument (an upload's body, a parameter), then the search runs in a worker thread,
+        where concurrent requests meet in the MicroBatcher."""
+        async def handle(request):
+            query = request.query_params
+            unknown = sorted(set(query) - {"q", "url", "id", *service.filter_columns})
+            if unknown:
+                return error(QueryError(f"unknown parameter {unknown[0]!r} "
+                                        f"(filters: {', '.join(service.filter_columns)})"))
+            if pending[0] >= MAX_PENDING:
+                return error(Busy("busy, try again in a moment"))
+            pending[0] += 1
+            try:
+                value = await first(request)
+                filters = [query.get(column) for column in service.filter_columns]
+                results = await run_in_threadpool(search, value, *filters)
+                close = service.close_match(results)
+                return JSONResponse({"results": results} if close is None else
+                                    {"results": results, "close_match": close})
+            except QueryError as exc:
+                return error(exc)
+            finally:
+                pending[0] -= 1
+        return handle
 
-    too_large = {"error": f"the image is over {max_upload_bytes // 2**20} MB"}
+    def parameter(name):
+        async def read(request):
+            return request.query_params.get(name, "")
+        return read
 
-    async def search_image(request):  # plain routes: the request comes as is
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_upload_bytes:
-            return JSONResponse(too_large, status_code=413)
-        data = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: a missing or false length cannot get past
-            data += chunk
-            if len(data) > max_upload_bytes:
-                return JSONResponse(too_large, status_code=413)
-        if not data:
-            return JSONResponse({"error": "send the image file as the request body"}, status_code=400)
-        return await answer(service.search_image_bytes, request.query_params, bytes(data))
+    async def body(request):
+        return await gate.read_body(request, max_upload_bytes)
 
-    async def search_text(request):
-        return await answer(service.search_text, request.query_params, request.query_params.get("q", ""))
-
-    async def search_url(request):
-        return await answer(service.search_url, request.query_params, request.query_params.get("url", ""))
-
-    fastapi_app.add_route("/api/search_image", search_image, methods=["POST"])
-    fastapi_app.add_route("/api/search_text", search_text, methods=["GET"])
-    fastapi_app.add_route("/api/search_url", search_url, methods=["GET"])
+    fastapi_app.add_route("/api/search_image", route(service.search_image_bytes, body), methods=["POST"])
+    fastapi_app.add_route("/api/search_text", route(service.search_text, parameter("q")), methods=["GET"])
+    fastapi_app.add_route("/api/search_url", route(service.search_url, parameter("url")), methods=["GET"])
+    fastapi_app.add_route("/api/search_item", route(service.search_item, parameter("id")), methods=["GET"])
 
 
 def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=False, max_upload_mb=10,

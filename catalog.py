@@ -17,27 +17,31 @@ from fashion_search.data import catalog_splits
 from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write
 from fashion_search.runtime import device_arg
-from fashion_search.serving.catalog import (catalog_from_run, dataset_image_bytes, embed_dataset, id_key,
-                                            item_records)
+from fashion_search.serving.catalog import catalog_from_run, dataset_image_bytes, embed_dataset, item_records
 from fashion_search.serving.encoder import Encoder
+from fashion_search.serving.errors import QueryError
+from fashion_search.serving.gate import item_id
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("add", "remove", "count"))
-    parser.add_argument("items", nargs="*", help="add: a folder of photos (ids from file names) or a dataset folder "
-                        "with an image column and the catalog's metadata columns; remove: item ids")
-    parser.add_argument("--run", default="runs/clip", help="the clip.py run whose catalog is updated")
-    parser.add_argument("--index", default="faiss", help="the app's --index: faiss, milvus:PATH.db or "
-                        "milvus://HOST:PORT/COLLECTION")
-    parser.add_argument("--device", type=device_arg, default="cpu")
-    parser.add_argument("--cache-dir", default="data/cache")
-    args = parser.parse_args(argv)
-    if args.command == "add" and len(args.items) != 1:
-        parser.error("add takes one ITEMS folder")
-    if args.command == "remove" and not args.items:
-        parser.error("remove takes the ids of the items to remove")
-    return args
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{add,remove,count}")
+    # each command its own parser, so that options and items may come in any order after it
+    specs = {"add": ("embed a folder of photos (ids from file names) or a dataset folder, and add or replace them",
+                     dict(metavar="ITEMS", help="a folder of photos, or a dataset folder with an image column and the "
+                          "catalog's metadata columns")),
+             "remove": ("remove items by id", dict(nargs="+", metavar="ID", help="item ids")),
+             "count": ("print how many items the catalog holds", None)}
+    for name, (description, items) in specs.items():
+        command = commands.add_parser(name, help=description, description=description)
+        if items:
+            command.add_argument("items", **items)
+        command.add_argument("--run", default="runs/clip", help="the clip.py run whose catalog is updated")
+        command.add_argument("--index", default="faiss", help="the app's --index: faiss, milvus:PATH.db or "
+                             "milvus://HOST:PORT/COLLECTION")
+        command.add_argument("--device", type=device_arg, default="cpu")
+        command.add_argument("--cache-dir", default="data/cache")
+    return parser.parse_args(argv)
 
 
 def add(catalog, encoder, spec: str, cache_dir: str):
@@ -46,10 +50,11 @@ def add(catalog, encoder, spec: str, cache_dir: str):
     splits = catalog_splits(spec)
     vectors, meta = embed_dataset(splits, encoder, cache_dir)
     photo_bytes, photos = dataset_image_bytes(splits), []
-    for split, row, item_id in zip(meta["split"], meta["row"], meta["id"]):
+    for split, row in zip(meta["split"], meta["row"]):
         data = photo_bytes(split, row)
-        name = hashlib.sha256(id_key(item_id).encode()).hexdigest()[:24]
-        atomic_write(catalog.photos.folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        name = hashlib.sha256(data).hexdigest()[:32]  # by content: a replaced photo gets a new name
+        if not (catalog.photos.folder / name).exists():
+            atomic_write(catalog.photos.folder / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
         photos.append(name)
     keys, records = item_records(meta.drop(columns=["split", "row"]).assign(photo=photos))
     replaced = sum(catalog.store.fetch(key) is not None for key in keys)
@@ -59,11 +64,14 @@ def add(catalog, encoder, spec: str, cache_dir: str):
 
 
 def remove(catalog, ids):
-    keys = [id_key(item_id) for item_id in ids]
+    try:
+        keys = [item_id(value) for value in ids]
+    except QueryError as exc:
+        raise UserError(str(exc)) from None
     missing = [key for key in keys if catalog.store.fetch(key) is None]
     removed = catalog.store.delete(keys)
     if missing:
-        print(f"not in the catalog: {', '.join(missing)}")
+        print(f"not in the catalog: {', '.join(repr(key) for key in missing)}")
     print(f"removed {removed:,} items: the catalog holds {catalog.store.count():,}")
 
 
@@ -75,7 +83,7 @@ def main(argv=None):
     encoder = Encoder(str(run / "hf_model"), args.device, int8=False)
     catalog = catalog_from_run(run, encoder, None, args.cache_dir, args.index)  # builds the base catalog if needed
     if args.command == "add":
-        add(catalog, encoder, args.items[0], args.cache_dir)
+        add(catalog, encoder, args.items, args.cache_dir)
     elif args.command == "remove":
         remove(catalog, args.items)
     else:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fashion_search.data import HUB_DATASET, cell_bytes, load_raw_dataset
 from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write_json
-from fashion_search.images import decode_square
+from fashion_search.serving.gate import decode_square
 
 
 def parse_args(argv=None):
@@ -50,7 +50,7 @@ def decodable_rows(dataset) -> np.ndarray:
             try:
                 decode_square(cell_bytes(cell), 32)  # the training decoder; at 32 px JPEG draft mode makes it cheap
                 keep.append(start + offset)
-            except (ValueError, OSError, TypeError, KeyError, AttributeError):
+            except (ValueError, OSError):  # refused by the gate (QueryError), or a missing file
                 pass
     return np.asarray(keep, dtype=np.int64)
 

@@ -1,9 +1,11 @@
 """A bounded load run against the app on 127.0.0.1: N concurrent clients send a fixed number of requests, half
 through gradio_client and half through the JSON routes, 30 % of them bad (a text file named .jpg, an empty file,
-refused URLs, an unknown filter value, an empty description, a URL in place of an uploaded file). Counts server
+refused URLs, an unknown filter value, an empty description, a URL in place of an uploaded file, and the hostile
+photos of fashion_search.serving.hostile under the file names that made Gradio re-encode them). Counts server
 errors (anything but the app's own message for a bad request, or a wrong answer to a good one), checks that every
-bad request got its message, and reports the app's resident memory after each quarter and the size of its temp
-folder at the start and the end. Every URL it sends is refused by the app's address checks before any connection.
+bad request got its message (or, for a hostile photo the gate decodes safely, its results), and reports the good
+requests' latency, the app's resident memory after each quarter and the size of its temp folder at the start and
+the end. Every URL it sends is refused by the app's address checks before any connection.
 
 Usage: TMPDIR=T GRADIO_TEMP_DIR=T/gradio python app.py ... --port 7861 &
        python benchmarks/load.py --url http://127.0.0.1:7861/ --pid PID --temp-dir T
@@ -18,9 +20,17 @@ from pathlib import Path
 
 from app_latency import photos
 
+from fashion_search.serving import hostile
+
 ANY = ("Any", "Any", "Any", "Any")  # gender, masterCategory, articleType, baseColour
 BAD_MESSAGES = ("not a readable image", "refused", "upload a photo", "type a description", "unknown baseColour",
-                "send the image file")
+                "send the image file", "too large")
+HOSTILE = {f"hostile:{name}": (build, file_name, expect) for name, build, file_name, expect in hostile.CASES}
+
+
+def hostile_path(folder, kind) -> Path:
+    """Where a hostile photo lies, under a name with its case's suffix (.bmp made Gradio re-encode to BMP)."""
+    return Path(folder) / f"hostile-{list(HOSTILE).index(kind)}{Path(HOSTILE[kind][1]).suffix}"
 
 
 def rss_mb(pid):
@@ -40,6 +50,8 @@ def gradio_request(client, kind, good, folder, rng):
     from gradio_client import handle_file
 
     call = client.predict
+    if kind in HOSTILE:
+        return call(handle_file(str(hostile_path(folder, kind))), *ANY, api_name="/search_image")
     if kind == "photo":
         return call(handle_file(rng.choice(good)), *ANY, api_name="/search_image")
     if kind == "text":
@@ -60,7 +72,9 @@ def gradio_request(client, kind, good, folder, rng):
 
 
 def json_request(http, kind, good, folder, rng):
-    if kind in ("photo", "filtered"):
+    if kind in HOSTILE:
+        response = http.post("/api/search_image", content=hostile_path(folder, kind).read_bytes())
+    elif kind in ("photo", "filtered"):
         params = {"gender": "Women"} if kind == "filtered" else {}
         response = http.post("/api/search_image", params=params, content=Path(rng.choice(good)).read_bytes())
     elif kind == "text":
@@ -95,8 +109,11 @@ def main(argv=None):
     (Path(folder) / "text.jpg").write_text("not an image")
     (Path(folder) / "empty.jpg").write_bytes(b"")
     good_kinds = ["photo", "photo", "text", "filtered"]
-    bad_kinds = ["bad-file", "empty-file", "bad-url", "url-as-file", "bad-filter", "empty-text"]
+    bad_kinds = ["bad-file", "empty-file", "bad-url", "url-as-file", "bad-filter", "empty-text", *HOSTILE]
+    for kind, (build, _, _) in HOSTILE.items():
+        hostile_path(folder, kind).write_bytes(build())
     counts = {"ok": 0, "bad answered": 0, "server errors": 0}
+    good_seconds = []
     failures, lock, done = [], threading.Lock(), [0]
     quarters, per_client = [], args.requests // args.clients
     temp_start = folder_mb(args.temp_dir)
@@ -108,12 +125,17 @@ def main(argv=None):
             bad = rng.random() < args.bad_share
             kind = rng.choice(bad_kinds if bad else good_kinds)
             route = rng.choice(("gradio", "json"))
+            started = time.perf_counter()
             try:
                 if route == "gradio":
                     result = gradio_request(client, kind, good, folder, rng)
                 else:
                     result = json_request(http, kind, good, folder, rng)
-                outcome = "ok" if (not bad and len(result) == 5) else "server errors"
+                if not bad:
+                    good_seconds.append(time.perf_counter() - started)
+                safe_hostile = kind in HOSTILE and HOSTILE[kind][2] == "results"
+                outcome = ("ok" if not bad else "bad answered") if (len(result) == 5 and (not bad or safe_hostile)) \
+                    else "server errors"
                 if outcome != "ok":
                     failures.append((route, kind, f"unexpected result {result!r:.100}"))
             except Exception as exc:  # noqa: BLE001 - classified below
@@ -137,6 +159,11 @@ def main(argv=None):
     elapsed = time.perf_counter() - started
     print(f"{sum(counts.values())} requests ({args.bad_share:.0%} bad) from {args.clients} clients over both routes "
           f"in {elapsed:.1f} s: {counts}")
+    if good_seconds:
+        import numpy as np
+
+        p50, p99 = np.percentile(good_seconds, [50, 99]) * 1000
+        print(f"good requests: p50 {p50:.0f} ms, p99 {p99:.0f} ms ({len(good_seconds)} answered)")
     print("app resident memory after each quarter: " + ", ".join(f"{mb:.0f} MB" for mb in quarters))
     print(f"temp folder: {temp_start:.1f} MB at the start, {folder_mb(args.temp_dir):.1f} MB at the end")
     for route, kind, message in failures[:10]:

@@ -2,7 +2,9 @@
 lets no epoch decode a JPEG twice."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -14,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_save_npy
-from fashion_search.images import decode_square
+from fashion_search.serving.gate import decode_square
 
 HUB_DATASET = "ashraq/fashion-product-images-small"
 SPLITS = ("train", "val", "test")
@@ -64,15 +66,28 @@ def catalog_splits(spec: str) -> dict:
             raise UserError(f"dataset {spec!r} has no 'image' column (columns: {', '.join(split.column_names)}): "
                             f"a catalog needs its photos")
         if "id" not in split.column_names:
-            cells = split.cast_column("image", ImageFeature(decode=False))["image"]
-            stems = [Path(cell["path"]).stem if cell.get("path") else "" for cell in cells]
-            if not all(stems) or len(set(stems)) < len(stems):  # no file names, or the same name twice
-                stems = [f"{name}-{row}" for row in range(len(split))]
-            ids = [int(stem) for stem in stems] if all(stem.isdigit() for stem in stems) else stems
-            splits[name] = split.add_column("id", ids)
+            splits[name] = split.add_column("id", photo_ids(split, spec))
     if not sum(len(split) for split in splits.values()):
         raise UserError(f"dataset {spec!r} has no rows: nothing to embed")
     return splits
+
+
+def photo_ids(split, spec: str) -> list:
+    """Ids for photos that come without an id column: their file names (numbers where every name is one), or, where
+    a photo has no file name, one made from its content, so that the same photo gets the same id in every run and two
+    runs of catalog.py add never take each other's ids. The same file name twice is an error, not a silent rename."""
+    from datasets import Image as ImageFeature
+
+    cells = split.cast_column("image", ImageFeature(decode=False))["image"]
+    stems = [Path(cell["path"]).stem if cell.get("path") else "" for cell in cells]
+    named = [stem for stem in stems if stem]
+    if len(set(named)) < len(named):
+        twice = next(stem for stem, count in collections.Counter(named).items() if count > 1)
+        raise UserError(f"dataset {spec!r} has two photos named {twice!r} (say, {twice}.jpg and {twice}.png): file "
+                        f"names are the item ids, so each must be unique")
+    if all(stems) and all(stem.isdigit() for stem in stems):
+        return [int(stem) for stem in stems]
+    return [stem or "photo-" + hashlib.sha256(cell_bytes(cell)).hexdigest()[:16] for stem, cell in zip(stems, cells)]
 
 
 def dataset_name(spec: str) -> str:
@@ -128,7 +143,7 @@ def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]
             for offset, cell in enumerate(raw[start:start + 512]["image"]):
                 try:
                     images[start + offset] = decode_square(cell_bytes(cell), size)
-                except (ValueError, OSError, TypeError, AttributeError):
+                except (ValueError, OSError):  # refused by the gate (QueryError), or a missing file
                     ok[start + offset] = False
         images.flush()
         del images

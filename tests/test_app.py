@@ -14,8 +14,8 @@ from PIL import Image
 
 import app
 from fashion_search import accel
-from fashion_search.images import decode_square, open_image
-from fashion_search.serving import catalog, fetch
+from fashion_search.serving.gate import decode_square, open_rgb
+from fashion_search.serving import catalog, fetch, gate
 from fashion_search.serving.encoder import QUERY_BATCH, Encoder
 from fashion_search.serving.errors import QueryError
 
@@ -231,7 +231,7 @@ def test_the_item_itself_comes_first(service):
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
     assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score",
                                "confidence", "close_match"}
-    _, item = service.catalog.store.fetch(catalog.id_key(item_id))  # the record is that item's metadata
+    _, item = service.catalog.store.fetch(gate.item_id(item_id))  # the record is that item's metadata
     assert all(results[0][field] == item[field] for field in catalog.RESULT_FIELDS)
     assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
 
@@ -247,7 +247,7 @@ def test_gallery_shows_each_result_photo_from_a_jpeg_file_written_once(service):
     assert all(r["productDisplayName"] in details and r["articleType"] in details for r in results)
     with Image.open(path) as shown:
         assert shown.format == "JPEG" and shown.mode == "RGB"
-        original = np.asarray(open_image(data), dtype=np.float32)
+        original = np.asarray(open_rgb(data), dtype=np.float32)
         assert shown.size == (original.shape[1], original.shape[0])
         assert np.abs(np.asarray(shown, dtype=np.float32) - original).mean() < 4  # the same photo, re-encoded
     written = Path(path).stat().st_mtime_ns
@@ -259,7 +259,7 @@ def test_filters_apply_inside_the_search(service):
     results = service.search_image_bytes(data, "Women", "Accessories", None)
     assert len(results) == 5
     assert all(r["gender"] == "Women" for r in results)
-    assert all(service.catalog.store.fetch(catalog.id_key(r["id"]))[1]["masterCategory"] == "Accessories"
+    assert all(service.catalog.store.fetch(gate.item_id(r["id"]))[1]["masterCategory"] == "Accessories"
                for r in results)
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_search.images import decode_square, square_uint8
+from fashion_search.images import square_uint8
+from fashion_search.serving.gate import decode_square
 from fashion_search.serving.errors import QueryError
 
 
@@ -49,7 +50,6 @@ GOOD = {
     "animated gif": lambda: animated("GIF"),
     "animated webp": lambda: animated("WEBP"),
     "exif-rotated": exif_rotated,
-    "tiff": lambda: encode(pattern(), "TIFF"),
 }
 
 BAD = {
@@ -62,6 +62,8 @@ BAD = {
     "svg": lambda: b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
     "html": lambda: b"<!doctype html><html><body>hi</body></html>",
     "decompression bomb": lambda: encode(Image.new("1", (10_000, 5_000)), "PNG"),
+    "tiff (not a format product photos come in)": lambda: encode(pattern(), "TIFF"),
+    "bmp": lambda: encode(pattern(), "BMP"),
 }
 
 

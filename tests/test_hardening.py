@@ -109,6 +109,9 @@ def test_a_slow_name_lookup_counts_against_the_deadline(monkeypatch):
     "2001:0:4136:e378::1",  # Teredo
     "::a00:1",              # IPv4-compatible ::10.0.0.1
     "fec0::1",              # site-local
+    "::ffff:0:7f00:1",      # IPv4-translated (SIIT) 127.0.0.1
+    "::ffff:0:a00:1",       # IPv4-translated 10.0.0.1
+    "192.88.99.1",          # the retired 6to4 relay anycast range
     "100.64.0.1", "100.100.100.200", "100.127.255.254"])  # shared address space (cloud metadata at .200)
 def test_ranges_that_is_global_lets_through_are_refused(address, monkeypatch):
     with pytest.raises(QueryError, match="non-public address"):
@@ -319,3 +322,15 @@ def test_the_gradio_queue_is_bounded_and_its_cache_cleaned(served, service):
         assert page._queue.max_size == app.MAX_PENDING
     finally:
         page.close()
+
+
+def test_the_json_item_route_goes_through_the_gate(served, service):
+    import httpx
+
+    first = service.catalog.store.keys()[0]
+    answer = httpx.get(served + "api/search_item", params={"id": first}, timeout=30)
+    assert answer.status_code == 200 and str(answer.json()["results"][0]["id"]) == first
+    for bad, message in (("x'] or key not in ['x", "not in the catalog"), ("", "give an item id"),
+                         ("9" * 600, "at most 512 bytes")):
+        answer = httpx.get(served + "api/search_item", params={"id": bad}, timeout=30)
+        assert answer.status_code == 400 and message in answer.json()["error"], answer.text

@@ -69,4 +69,101 @@ def test_catalog_command_errors_are_one_line(live, tmp_path, capsys):
         catalog.main(["count", "--run", str(tmp_path)])
     catalog.main(["remove", "no-such-id", "--run", str(run)])
     out = capsys.readouterr().out
-    assert "not in the catalog: no-such-id" in out and "removed 0 items" in out
+    assert "not in the catalog: 'no-such-id'" in out and "removed 0 items" in out
+
+
+def readme_commands(script):
+    """The README's `python SCRIPT ...` commands, as written, for runs/clip (not those naming a remote server)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return [c for c in re.findall(r"`(python " + script + r" [^`]*)`", text) if "://" not in c]
+
+
+def test_every_catalog_command_in_the_readme_runs_as_written(live, cache_dir, tmp_path, monkeypatch, capsys):
+    """`python catalog.py add --run runs/clip NEW_PHOTOS` (options before the items) once failed with "unrecognized
+    arguments"; each command has its own parser now."""
+    import shlex
+
+    import catalog
+
+    run, service = live
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    (work / "runs" / "clip").symlink_to(run)
+    (work / "data").symlink_to(cache_dir, target_is_directory=True)  # the default --cache-dir data/cache
+    new_photos(work / "NEW_PHOTOS", count=3)
+    monkeypatch.chdir(work)
+    commands = readme_commands("catalog.py")
+    assert {shlex.split(c)[2] for c in commands} == {"add", "remove", "count"}, commands
+    before = len(service.catalog)
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:2] == ["python", "catalog.py"]
+        catalog.main(argv[2:])
+    out = capsys.readouterr().out
+    assert f"added 3 items and replaced 0: the catalog holds {before + 3}" in out
+    assert len(service.catalog) == before + 3
+
+
+def test_a_replaced_photo_is_shown_anew_and_ids_are_stable(live, cache_dir, tmp_path, capsys):
+    import catalog
+    from fashion_search.serving.gate import open_rgb
+
+    run, service = live
+    folder = tmp_path / "v1"
+    new_photos(folder, count=2)
+    catalog.main(["add", str(folder), "--run", str(run), "--cache-dir", str(cache_dir)])
+    first = np.asarray(open_rgb(open(service.photo_file("new-0"), "rb").read()), dtype=float)
+    replacement = tmp_path / "v2"
+    replacement.mkdir()
+    (replacement / "new-0.jpg").write_bytes(product_photo(3, (20, 200, 20), np.random.default_rng(9)))
+    catalog.main(["add", str(replacement), "--run", str(run), "--cache-dir", str(cache_dir)])
+    assert "added 0 items and replaced 1" in capsys.readouterr().out
+    second = np.asarray(open_rgb(open(service.photo_file("new-0"), "rb").read()), dtype=float)
+    assert np.abs(first - second).mean() > 20  # the gallery shows the new photo, not the one cached before
+
+
+def test_photos_without_names_get_ids_from_their_content_and_duplicate_names_are_an_error(tmp_path):
+    import datasets
+
+    from fashion_search.data import catalog_splits
+    from fashion_search.errors import UserError
+
+    rng = np.random.default_rng(3)
+    photos = [product_photo(i, (200, 30, 30), rng) for i in range(3)]
+    for name in ("a", "b"):
+        datasets.Dataset.from_dict({"image": [{"bytes": p, "path": None} for p in photos]},
+                                   features=datasets.Features({"image": datasets.Image()})).save_to_disk(
+            str(tmp_path / name))
+    ids_a, ids_b = (catalog_splits(str(tmp_path / name))["all"]["id"] for name in ("a", "b"))
+    assert ids_a == ids_b and len(set(ids_a)) == 3 and all(i.startswith("photo-") for i in ids_a)
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    (twice / "shirt.jpg").write_bytes(photos[0])
+    (twice / "shirt.png").write_bytes(photos[1])
+    with pytest.raises(UserError, match="two photos named 'shirt'"):
+        catalog_splits(str(twice))
+
+
+def test_the_app_serves_the_newest_intact_version_with_its_added_items(live, cache_dir, tmp_path):
+    import app
+    import catalog
+
+    run, service = live
+    new_photos(tmp_path / "new", count=2)
+    catalog.main(["add", str(tmp_path / "new"), "--run", str(run), "--cache-dir", str(cache_dir)])
+    catalog.main(["remove", "new-1", "--run", str(run), "--cache-dir", str(cache_dir)])  # the newest version
+    current = (run / "index" / "CURRENT").read_text().split('"')[3]
+    (run / "index" / current / "items.parquet").write_bytes(b"damaged")
+    again, _ = app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    assert again.search_item("new-0")[0]["id"] == "new-0"  # the add survived: nothing was rebuilt over it
+
+
+def test_an_empty_catalog_answers_no_results(live, cache_dir):
+    run, service = live
+    ids = service.catalog.store.keys()
+    service.catalog.store.delete(ids)
+    assert service.search_image_bytes(product_photo(0, (200, 30, 30), np.random.default_rng(0))) == []
+    assert service.search_text("shirt") == []

@@ -189,3 +189,112 @@ def test_a_writer_killed_mid_update_leaves_the_old_or_the_new_catalog(tmp_path):
     writer.join()
     assert writer.exitcode == 0 and open_store("faiss", tmp_path, DIM, "fp-1").count() == len(keys) + 10
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # and clears the leftovers
+
+
+HOSTILE_IDS = ["levi's", 'say "hi"', "back\\slash", "a]b", "two\nlines", "x'] or key not in ['x",
+               'x"] or key not in ["x', "naïve 😀"]
+
+
+def test_ids_stay_data_found_by_their_own_id_and_removed_one_at_a_time(spec):
+    """Ids with quotes, backslashes, brackets, a newline and an injection string: each is found by its own id and
+    by no other, removing one removes exactly one, and an unknown id is simply absent."""
+    store, keys, vectors, records = built(*spec, count=20)
+    rng = np.random.default_rng(1)
+    extra = rng.standard_normal((len(HOSTILE_IDS), DIM)).astype(np.float32)
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    store.upsert(HOSTILE_IDS, extra, [{"id": key, "productDisplayName": key, "baseColour": key} for key in
+                                      HOSTILE_IDS])
+    assert store.count() == 20 + len(HOSTILE_IDS)
+    for key, vector in zip(HOSTILE_IDS, extra):
+        found = store.fetch(key)
+        assert found is not None and found[1]["id"] == key
+        np.testing.assert_allclose(found[0], vector, atol=1e-6)
+        hits = store.search(vector, 1, {"baseColour": key})  # a hostile filter value is data too
+        assert [hit.key for hit in hits] == [key]
+    assert store.fetch("x") is None and store.fetch("x' or 'a'=='a") is None
+    assert store.delete(["x'] or key not in ['x"]) == 1
+    assert store.count() == 20 + len(HOSTILE_IDS) - 1
+    assert store.delete(["no such item", 'x"] or key not in ["x']) == 1
+    assert store.count() == 20 + len(HOSTILE_IDS) - 2
+    assert all(store.fetch(key) is not None for key in keys)  # the base catalog is untouched
+
+
+def test_an_empty_store_answers_no_results(spec):
+    store = open_store(spec[0], spec[1], DIM, "fp-1")
+    assert store.count() == 0 and store.search(np.ones(DIM, np.float32) / 4, 5) == []
+
+
+# ------------------------------------------------------------------ the FAISS store never loses an update
+
+def versions_on_disk(folder):
+    return sorted(p.name for p in folder.glob("v*") if p.is_dir())
+
+
+@pytest.mark.parametrize("fault", ["damaged", "gone during open"])
+def test_a_current_version_that_cannot_be_read_falls_back_to_the_newest_intact_one(tmp_path, fault, monkeypatch,
+                                                                                  capsys):
+    folder = tmp_path / "index"
+    store, keys, vectors, records = built("faiss", folder, count=10)
+    store.upsert(*items(3, start=100, seed=1))  # v2: an update to keep
+    store.upsert(*items(3, start=200, seed=2))  # v3: CURRENT
+    assert versions_on_disk(folder) == ["v000001", "v000002", "v000003"]
+    if fault == "damaged":
+        (folder / "v000003" / "index.faiss").write_bytes(b"damaged")
+    else:  # removed between reading CURRENT and loading it
+        real = faiss_store.load_version
+
+        def vanishing(path, dim):
+            if path.name == "v000003":
+                import shutil
+                shutil.rmtree(path, ignore_errors=True)
+            return real(path, dim)
+        monkeypatch.setattr(faiss_store, "load_version", vanishing)
+    reopened = open_store("faiss", folder, DIM, "fp-1")
+    assert reopened.fingerprint == "fp-1"  # not empty: the app does not rebuild the base catalog over it
+    assert reopened.count() == 13 and reopened.fetch("101") is not None
+    assert "serving v000002, the newest version that reads" in capsys.readouterr().out
+    reopened.upsert(*items(1, start=300, seed=3))
+    assert faiss_store.read_json(folder / "CURRENT")["version"] == "v000004"  # numbering goes on, never restarts
+    assert {"v000001", "v000002", "v000004"} <= set(versions_on_disk(folder))  # no intact version deleted
+    assert faiss_store.load_version(folder / "v000002", DIM) is not None
+
+
+def test_32_threads_searching_across_one_write_cause_one_load(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    folder = tmp_path / "index"
+    reader, keys, vectors, _ = built("faiss", folder, count=10)
+    writer = open_store("faiss", folder, DIM, "fp-1")
+    loads, real = [], faiss_store.load_version
+
+    def slow_load(path, dim):
+        loads.append(path.name)
+        time.sleep(0.3)  # a slow load: every thread arrives while it runs
+        return real(path, dim)
+    writer.upsert(*items(2, start=500, seed=5))
+    monkeypatch.setattr(faiss_store, "load_version", slow_load)
+    found = []
+    threads = [threading.Thread(target=lambda: (reader.refresh(), found.append(reader.fetch("500") is not None)))
+               for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loads == ["v000002"] and all(found) and len(found) == 32
+
+
+def test_a_failed_load_is_tried_again_at_the_next_query(tmp_path, monkeypatch):
+    folder = tmp_path / "index"
+    reader, *_ = built("faiss", folder, count=10)
+    open_store("faiss", folder, DIM, "fp-1").upsert(*items(2, start=500, seed=5))
+    real, failures = faiss_store.load_version, [1]
+
+    def flaky(path, dim):
+        if failures:
+            failures.pop()
+            return None  # e.g. an I/O error
+        return real(path, dim)
+    monkeypatch.setattr(faiss_store, "load_version", flaky)
+    assert reader.refresh() is False and reader.fetch("500") is None  # this query still sees the old version
+    assert reader.refresh() is True and reader.fetch("500") is not None  # the next one loads it

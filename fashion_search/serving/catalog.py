@@ -12,7 +12,7 @@ from fashion_search.data import SPLITS, catalog_splits, cell_bytes, image_cache,
 from fashion_search.embed import job_embed
 from fashion_search.errors import UserError
 from fashion_search.files import file_sha256, fingerprint
-from fashion_search.images import decode_square
+from fashion_search.serving.gate import decode_square, item_id
 from fashion_search.inference import EMBED_BATCH
 from fashion_search.runs import load_split
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
@@ -74,16 +74,19 @@ class Catalog:
         return [{**{field: "" if hit.record.get(field) is None else hit.record[field] for field in RESULT_FIELDS},
                  "score": round(hit.score, 4)} for hit in hits]
 
-    def vector(self, item_id) -> np.ndarray | None:
+    def item(self, value) -> tuple[np.ndarray, dict]:
+        """An item's vector and record by its id (any text: it stays data); QueryError when the catalog lacks it."""
         self.refresh()
-        found = self.store.fetch(id_key(item_id))
-        return None if found is None else found[0]
-
-    def image_bytes(self, item_id) -> bytes:
-        found = self.store.fetch(id_key(item_id))
+        found = self.store.fetch(item_id(value))
         if found is None:
-            raise QueryError(f"no catalog item with id {item_id}")
-        return self.photos.read(found[1])
+            raise QueryError(f"no catalog item with id {str(value)[:100]!r}: it is not in the catalog")
+        return found
+
+    def vector(self, value) -> np.ndarray:
+        return self.item(value)[0]
+
+    def image_bytes(self, value) -> bytes:
+        return self.photos.read(self.item(value)[1])
 
 
 class PhotoSource:
@@ -112,23 +115,14 @@ def item_records(meta: pd.DataFrame) -> tuple[list[str], list[dict]]:
     columns = [c for c in dict.fromkeys(("id",) + RESULT_FIELDS + FILTER_COLUMNS + ("split", "row", "photo"))
                if c in meta]
     records = json.loads(meta[columns].to_json(orient="records"))  # plain Python values, missing ones as None
-    keys = [id_key(value) for value in meta["id"]]
+    try:
+        keys = [item_id(value) for value in meta["id"]]
+    except QueryError as exc:
+        raise UserError(f"the catalog has an unusable item id: {exc}") from None
     if len(set(keys)) < len(keys):
         twice = pd.Series(keys)[pd.Series(keys).duplicated()].iloc[0]
         raise UserError(f"the catalog has item id {twice} more than once: ids must be unique")
     return keys, records
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
-
-
-def id_key(value) -> str:
-    """The look-up key of an item id: ids may be numbers (the hub dataset) or file names (a folder of photos), and a
-    number may arrive as 10003, 10003.0 or "10003"."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    return str(_plain(value)).strip()
 
 
 def dataset_image_bytes(splits: dict):
@@ -230,6 +224,6 @@ def calibration_photos(catalog: Catalog, size: int, count=INT8_CALIBRATION_PHOTO
     for data in catalog.photos.spread(count):
         try:
             photos.append(decode_square(data, size))
-        except (ValueError, OSError, TypeError, KeyError):  # a missing or broken photo: calibrate on the others
+        except (ValueError, OSError, KeyError):  # a missing or broken photo: calibrate on the others
             continue
     return np.stack(photos) if len(photos) >= QUERY_BATCH else None

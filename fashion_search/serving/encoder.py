@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fashion_search import backbones
-from fashion_search.images import decode_square
+from fashion_search.serving.gate import decode_square
 from fashion_search.inference import embed_images
 from fashion_search.runtime import autocast_dtype, resolve_device
 from fashion_search.serving.batching import MicroBatcher
@@ -153,11 +153,7 @@ class Encoder:
         return backbones.clip_image_features(self.model, pixel_values)
 
     def embed_image(self, data: bytes) -> np.ndarray:
-        try:
-            pixels = decode_square(data, self.image_size)
-        except ValueError as exc:
-            raise QueryError(str(exc)) from None
-        return self.batcher(pixels)
+        return self.batcher(decode_square(data, self.image_size))  # the gate: QueryError for a refused photo
 
     def embed_text(self, text: str) -> np.ndarray:
         text = (text or "").strip()

@@ -17,11 +17,13 @@ MAX_REDIRECTS = 3
 CONNECT_TIMEOUT, READ_TIMEOUT, TOTAL_TIMEOUT = 3.0, 5.0, 15.0
 
 
-# Ranges that Python 3.11's ipaddress.is_global lets through but that lead into private networks: NAT64 and 6to4 /
-# Teredo / IPv4-compatible addresses embed an IPv4 address a gateway may forward to; site-local is the old private
-# IPv6 range; 100.64.0.0/10 is carrier-grade NAT space, where clouds put metadata services (100.100.100.200).
+# Ranges that Python 3.11's ipaddress.is_global lets through but that lead into private networks: NAT64, 6to4,
+# Teredo, IPv4-compatible and IPv4-translated (SIIT) addresses embed an IPv4 address a gateway may forward to;
+# site-local is the old private IPv6 range; 100.64.0.0/10 is carrier-grade NAT space, where clouds put metadata
+# services (100.100.100.200); 192.88.99.0/24 is the retired 6to4 relay anycast range.
 REFUSED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96", "fec0::/10", "100.64.0.0/10"))
+    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96", "::ffff:0:0:0/96", "fec0::/10",
+    "100.64.0.0/10", "192.88.99.0/24"))
 
 
 def check_address(address: str, allow_private: bool):

@@ -8,14 +8,15 @@ import threading
 from pathlib import Path
 
 from fashion_search import calibration
-from fashion_search.images import open_image
-from fashion_search.serving.catalog import Catalog, id_key
+from fashion_search.serving.catalog import Catalog
 from fashion_search.serving.encoder import Encoder
 from fashion_search.serving.errors import QueryError
 from fashion_search.serving.fetch import fetch_url
+from fashion_search.serving.gate import open_rgb
 
 # A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
 MIN_CONFIDENCE = 0.5
+GALLERY_SIDE = 256  # catalog photos are shown at most about this size (the gallery's tiles are smaller)
 
 
 class SearchService:
@@ -74,10 +75,7 @@ class SearchService:
         return self.search(self.encoder.embed_text(text), *filters)
 
     def search_item(self, item_id, *filters):
-        vector = self.catalog.vector(item_id)
-        if vector is None:
-            raise QueryError(f"no catalog item with id {item_id}")
-        return self.search(vector, *filters)
+        return self.search(self.catalog.vector(item_id), *filters)
 
     def gallery(self, results):
         """(photo file, short caption) per result; describe() gives each result's details in full."""
@@ -107,12 +105,16 @@ class SearchService:
     def photo_file(self, item_id) -> str:
         """A catalog photo as a JPEG file for the page's gallery, written the first time the item is shown. Gradio
         serves a file as it is, where it re-encoded a PIL image on every query (as WebP; BENCHMARKS.md, section 3).
-        Decoded and re-encoded once, so any format the catalog holds reaches the browser as an upright RGB JPEG. At most one file of a few KB per catalog item, in a folder removed with the
+        Decoded (through the gate) and re-encoded once, so any format the catalog holds reaches the browser as an
+        upright RGB JPEG. The file is named after the item and where its photo is, so an item whose photo
+        catalog.py replaced shows the new one. At most a few KB per catalog item, in a folder removed with the
         service."""
-        name = hashlib.sha256(id_key(item_id).encode()).hexdigest()[:24]  # any id, as a safe file name
+        _, record = self.catalog.item(item_id)
+        source = [str(record.get(field)) for field in ("id", "photo", "split", "row")]
+        name = hashlib.sha256("\0".join(source).encode("utf-8", "surrogatepass")).hexdigest()[:24]  # a safe name
         path = Path(self._photos.name) / f"{name}.jpg"
         if not path.exists():
             partial = path.with_name(f".{name}.{threading.get_ident()}.jpg")
-            open_image(self.catalog.image_bytes(item_id)).save(partial, "JPEG", quality=90)
+            open_rgb(self.catalog.photos.read(record), GALLERY_SIDE).save(partial, "JPEG", quality=90)
             os.replace(partial, path)  # whole files only, also when two queries show the same item at once
         return str(path)

@@ -3,7 +3,14 @@
 Layout: ``CURRENT`` names the version folder in use (``v000007/``: index.faiss, items.parquet, store.json). A write
 makes the next version in a temporary folder, renames it into place and only then rewrites CURRENT (atomically), so
 a crash at any point leaves the previous version servable. Readers (the app) notice a new CURRENT and load it without
-a restart. Writers take a lock on the folder, so two updates never lose each other's items.
+a restart, once per new version however many queries are in flight, and record it only once it has loaded (a failed
+load is tried again at the next query). Writers take a lock on the folder, so two updates never lose each other's
+items.
+
+Nothing that still reads is lost. Opening a store whose CURRENT version cannot be read (damaged, or removed while
+being read) reads CURRENT again, then falls back to the newest version that reads, with the updates it holds; the
+version numbers only grow. A writer keeps the newest KEEP_VERSIONS versions and never removes one that a reader is
+loading (readers hold a shared lock on its store.json while they load it).
 
 Removal: FAISS's HNSW graph cannot drop nodes, so every index here is addressed by position and a removed item is a
 tombstone: it stays in the graph, still helps navigation, and is never returned (searches pass a selector of the live
@@ -17,6 +24,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +45,8 @@ BUILD_CHUNK = 2_000
 EXACT_FILTERED_UP_TO = 50_000
 COMPACT_AT_DEAD_FRACTION = 0.25
 CURRENT = "CURRENT"
+KEEP_VERSIONS = 3  # the current one and two before it, for readers that read CURRENT just before a write
+READ_TRIES = 3
 
 
 def hnsw_ef_search(rows: int) -> int:
@@ -133,15 +143,19 @@ class FaissStore:
         self.folder, self.dim, self._state = Path(folder), dim, state
         self._position = state.position()
         self._current_stamp = self._stamp()
+        self._refreshing = threading.Lock()
 
     @classmethod
     def open(cls, folder, dim: int, fingerprint: str) -> "FaissStore":
         folder = Path(folder)
-        state = read_version(folder, dim)
+        stamp = cls._stamp_of(folder)
+        state = read_version(folder, dim, fall_back=True)
         if state is not None and state.fingerprint != fingerprint:
             print(f"index in {folder} was built from another model or catalog: rebuilding")
-            state = State.empty(dim, version=state.version)
-        return cls(folder, dim, state or State.empty(dim))
+            state = None
+        store = cls(folder, dim, state or State.empty(dim, version=latest_version(folder)))
+        store._current_stamp = stamp  # as CURRENT was when reading began: a write since then is loaded next
+        return store
 
     @property
     def fingerprint(self) -> str:
@@ -166,6 +180,8 @@ class FaissStore:
             matches = state.filters[column] == value
             mask = matches if mask is None else mask & matches
         k = min(k, len(state.keys))
+        if k <= 0:  # an empty catalog
+            return []
         graph = hasattr(state.index, "hnsw")
         if mask is None:
             scores, positions = state.index.search(query, k)
@@ -204,20 +220,30 @@ class FaissStore:
         return sorted(set(state.filters[column][state.live]) - {""})
 
     def refresh(self) -> bool:
-        """Load the version CURRENT names, if another process wrote one since (a stat per call)."""
-        stamp = self._stamp()
-        if stamp == self._current_stamp:
+        """Load the version CURRENT names, if another process wrote one since (a stat per call). One thread loads
+        it while the others wait and then take it; the new stamp is recorded only once the load succeeded."""
+        if self._stamp() == self._current_stamp:
             return False
-        state = read_version(self.folder, self.dim)
-        self._current_stamp = stamp
-        if state is None or state.version == self._state.version:
-            return False
-        self._state, self._position = state, state.position()
-        return True
+        with self._refreshing:
+            stamp = self._stamp()
+            if stamp == self._current_stamp:  # loaded by another thread meanwhile
+                return False
+            state = read_version(self.folder, self.dim)
+            if state is None:
+                return False  # stamp not recorded: tried again at the next query
+            self._current_stamp = stamp
+            if state.version <= self._state.version:
+                return False
+            self._state, self._position = state, state.position()
+            return True
 
     def _stamp(self):
+        return self._stamp_of(self.folder)
+
+    @staticmethod
+    def _stamp_of(folder: Path):
         with contextlib.suppress(OSError):
-            stat = (self.folder / CURRENT).stat()
+            stat = (folder / CURRENT).stat()
             return stat.st_mtime_ns, stat.st_ino
         return None
 
@@ -263,7 +289,7 @@ class FaissStore:
             if state.dead > COMPACT_AT_DEAD_FRACTION * len(state.live) or (
                     index_kind(int(state.live.sum())) != "Flat") != hasattr(state.index, "hnsw"):
                 state = state.compacted()
-            state.version += 1
+            state.version = max(state.version, latest_version(self.folder)) + 1  # numbers never repeat
             write_version(self.folder, state, self.dim)
             self._state, self._position, self._current_stamp = state, state.position(), self._stamp()
 
@@ -302,29 +328,88 @@ def write_version(folder: Path, state: State, dim: int):
         os.fsync(fd)  # the renames themselves
     finally:
         os.close(fd)
-    # Other versions go, but the previous one stays for a reader that read CURRENT just before this write.
-    keep = {name, version_name(state.version - 1)}
-    for old in folder.iterdir():
-        if old.is_dir() and old.name not in keep and (old.name.endswith(".tmp") or old.name.startswith("v")):
+    remove_old_versions(folder, name, dim)
+
+
+def version_numbers(folder: Path) -> list[int]:
+    """The numbers of the version folders on disk, newest first."""
+    found = [int(path.name[1:]) for path in folder.glob("v*") if path.is_dir() and path.name[1:].isdigit()]
+    return sorted(found, reverse=True)
+
+
+def latest_version(folder: Path) -> int:
+    """The highest version number on disk or named by CURRENT (whose folder may be gone): the next write takes the
+    one after it, so that no reader ever meets a number twice."""
+    current = str(read_json(folder / CURRENT).get("version", ""))
+    named = [int(current[1:])] if current[1:].isdigit() else []
+    return max(version_numbers(folder) + named, default=0)
+
+
+def remove_old_versions(folder: Path, keep: str, dim: int):
+    """Leftover temporary folders, versions that no longer read, and readable ones beyond the newest KEEP_VERSIONS
+    (``keep`` among them), except any that a reader is loading right now (it holds a shared lock on the version's
+    store.json). Writes are rare (catalog.py), so each candidate is checked by loading it."""
+    for old in folder.glob(".v*.tmp"):
+        if old.is_dir() and not old.name.endswith(f".{os.getpid()}.tmp"):
             shutil.rmtree(old, ignore_errors=True)
+    kept = {keep}
+    for number in version_numbers(folder):
+        path = folder / version_name(number)
+        if path.name in kept:
+            continue
+        if len(kept) < KEEP_VERSIONS and load_version(path, dim) is not None:
+            kept.add(path.name)
+            continue
+        try:
+            with open(path / "store.json", "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a reader holds it
+                shutil.rmtree(path, ignore_errors=True)
+        except BlockingIOError:
+            continue  # a reader is loading it: removed by a later write
+        except OSError:  # no store.json: a damaged version, which no reader can load
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def read_version(folder: Path, dim: int) -> State | None:
-    """The version CURRENT names, or None when there is none or it cannot be read (the caller rebuilds)."""
+def read_version(folder: Path, dim: int, fall_back: bool = False) -> State | None:
+    """The version CURRENT names. If it cannot be read, CURRENT is read again (a writer may have moved on) up to
+    READ_TRIES times; then, with ``fall_back``, the newest version on disk that reads. None when none does."""
+    tried = []
+    for _ in range(READ_TRIES):
+        name = read_json(folder / CURRENT).get("version")
+        if not isinstance(name, str) or not name.startswith("v") or name in tried:
+            break
+        state = load_version(folder / name, dim)
+        if state is not None:
+            return state
+        tried.append(name)
+    if not fall_back:
+        return None
+    for number in version_numbers(folder):
+        if version_name(number) not in tried and (state := load_version(folder / version_name(number), dim)):
+            if tried:
+                print(f"index in {folder}: {tried[0]} cannot be read; serving {version_name(number)}, the newest "
+                      f"version that reads")
+            return state
+    if tried:
+        print(f"index in {folder} cannot be read: rebuilding")
+    return None
+
+
+def load_version(path: Path, dim: int) -> State | None:
+    """One version folder, read under a shared lock on its store.json (writers do not remove it meanwhile); None
+    when it is missing, damaged or of another dimension."""
     import faiss
 
-    name = read_json(folder / CURRENT).get("version")
-    if not isinstance(name, str) or not name.startswith("v"):
-        return None
     try:
-        info = json.loads((folder / name / "store.json").read_text())
-        index = tune(faiss.read_index(str(folder / name / "index.faiss")))
-        items = pd.read_parquet(folder / name / "items.parquet")
-    except (OSError, ValueError, RuntimeError):
-        print(f"index in {folder} cannot be read: rebuilding")
+        with open(path / "store.json", "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            info = json.loads(lock.read())
+            index = tune(faiss.read_index(str(path / "index.faiss")))
+            items = pd.read_parquet(path / "items.parquet")
+        if index.d != dim or index.ntotal != len(items) or info.get("dim") != dim:
+            return None
+        return State(int(info["version"]), info["fingerprint"], index, items["key"].to_numpy(object),
+                     items["live"].to_numpy(bool), items["record"].to_numpy(object),
+                     {c: items[c].to_numpy(object) for c in FILTER_COLUMNS})
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):
         return None
-    if index.d != dim or index.ntotal != len(items) or info.get("dim") != dim:
-        return None
-    return State(int(info["version"]), info["fingerprint"], index, items["key"].to_numpy(object),
-                 items["live"].to_numpy(bool), items["record"].to_numpy(object),
-                 {c: items[c].to_numpy(object) for c in FILTER_COLUMNS})

@@ -56,9 +56,20 @@ def parse_spec(spec: str) -> dict:
     return {**target, "index": index, "consistency": consistency}
 
 
+def string_literal(value) -> str:
+    """Any text as a Milvus string literal: the one place where a value from outside (an item id, a filter value)
+    enters an expression. pymilvus's own get() and delete(ids=...) put varchar keys in single quotes unescaped, so
+    this store never calls them. JSON's escapes (of quotes, backslashes and control characters) are ones
+    Milvus's grammar takes; non-ASCII text stays literal, since Milvus refuses the escapes of surrogate pairs."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 def filter_expression(filters: dict | None) -> str:
-    # json.dumps quotes and escapes each value as a Milvus string literal
-    return " and ".join(f"{column} == {json.dumps(str(value))}" for column, value in (filters or {}).items())
+    return " and ".join(f"{column} == {string_literal(value)}" for column, value in (filters or {}).items())
+
+
+def keys_expression(keys) -> str:
+    return f"key in [{', '.join(string_literal(key) for key in keys)}]"
 
 
 class MilvusStore:
@@ -126,12 +137,18 @@ class MilvusStore:
             self.client.upsert(self.collection, rows)
 
     def delete(self, keys) -> int:
-        keys = list(dict.fromkeys(keys))
-        present = {row["key"] for row in self.client.get(self.collection, ids=keys, output_fields=["key"],
-                                                         consistency_level="Strong")} if keys else set()
-        if present:
-            self.client.delete(self.collection, ids=sorted(present))
-        return len(present)
+        keys, removed = list(dict.fromkeys(keys)), 0
+        for part in chunks(len(keys), WRITE_BATCH):
+            present = sorted(row["key"] for row in self._rows(keys[part], ["key"], "Strong"))
+            if present:
+                self.client.delete(self.collection, filter=keys_expression(present))
+            removed += len(present)
+        return removed
+
+    def _rows(self, keys, fields, consistency) -> list[dict]:
+        """The rows with these keys (never more: each key is a literal, not expression text)."""
+        return self.client.query(self.collection, filter=keys_expression(keys), output_fields=fields,
+                                 consistency_level=consistency) if keys else []
 
     # reads -------------------------------------------------------------------------------------------------------
 
@@ -149,8 +166,8 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     def fetch(self, key):
-        rows = self.client.get(self.collection, ids=[key], output_fields=["vector", "record"],
-                               consistency_level=self.target["consistency"])
+        rows = [row for row in self._rows([key], ["key", "vector", "record"], self.target["consistency"])
+                if row["key"] == key]
         if not rows:
             return None
         return np.asarray(rows[0]["vector"], dtype=np.float32), rows[0]["record"]

@@ -1,0 +1,281 @@
+"""The gate: hostile photos are checked from their headers and decoded within bounds, on their own and through a
+running app's Gradio and JSON routes (peak memory, time, upload cache, a good query from another client meanwhile);
+the decode limiter; Pillow's odd exceptions; upload bodies within the bound."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import child_env, free_port
+from fashion_search.serving import gate, hostile
+from fashion_search.serving.errors import Busy, QueryError
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = {name: (build, file_name, expect) for name, build, file_name, expect in hostile.CASES}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_photos_are_answered_from_their_headers_within_bounds(name):
+    build, _, expect = CASES[name]
+    data = build()
+    started = time.monotonic()
+    if expect == "results":
+        assert gate.decode_square(data, 64).shape == (3, 64, 64)
+    else:
+        with pytest.raises(QueryError, match=expect):
+            gate.decode_square(data, 64)
+    assert time.monotonic() - started < 2
+
+
+def test_the_format_comes_from_the_bytes_not_the_name_and_only_the_first_frame_is_kept():
+    header = gate.inspect(hostile.gif_trailing_comment(2))
+    assert header.format == "GIF" and len(header.data) < 200  # cut after the first frame: the comment is gone
+    assert gate.inspect(hostile.png(20, 10, 8, 2)).format == "PNG"
+    with pytest.raises(QueryError, match="BMP is not taken"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(buffer, "BMP")
+        gate.inspect(buffer.getvalue())
+
+
+def test_a_big_photo_is_reduced_while_it_decodes():
+    """JPEG draft mode: a 4000 x 3000 JPEG is decoded at 1/8, so its decode takes 1/64 of the full-size memory."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(buffer, "JPEG")
+    header = gate.inspect(buffer.getvalue(), 224)
+    assert header.memory == 500 * 375 * 3
+    pixels = gate.decode_square(buffer.getvalue(), 224)
+    assert abs(int(pixels[0, 112, 112]) - 200) < 8
+
+
+@pytest.mark.parametrize("error", [KeyError("<_io.BytesIO object at 0x7f3a2b1c0d90>"), AttributeError("palette"),
+                                   IndexError("list index out of range")])
+def test_any_pillow_exception_is_a_clear_message_without_object_reprs(error, monkeypatch):
+    def broken(self):
+        raise error
+
+    monkeypatch.setattr(Image.Image, "load", broken)
+    with pytest.raises(QueryError, match="not a readable image") as caught:
+        gate.decode_square(hostile.png(8, 8, 8, 2), 32)
+    assert "0x7f" not in str(caught.value) and "object at" not in str(caught.value)
+
+
+def test_the_decode_limiter_bounds_concurrency_and_memory():
+    limiter = gate.DecodeLimiter(at_once=2, memory=100, wait=0.2)
+    with limiter.hold(10), limiter.hold(10):
+        with pytest.raises(Busy):  # a third decode at once
+            with limiter.hold(1):
+                pass
+    with limiter.hold(80):
+        with pytest.raises(Busy):  # fits the count, not the memory
+            with limiter.hold(30):
+                pass
+        with limiter.hold(20):
+            pass
+    with limiter.hold(1000):  # larger than the whole budget: runs alone
+        assert limiter.held == 100
+    assert limiter.running == 0 and limiter.held == 0
+
+
+def test_ids_are_bounded_data():
+    assert gate.item_id(10003.0) == "10003" == gate.item_id(np.int64(10003)) == gate.item_id(" 10003 ")
+    assert gate.item_id("x'] or key not in ['x") == "x'] or key not in ['x"
+    with pytest.raises(QueryError, match="at most 512 bytes"):
+        gate.item_id("x" * 513)
+    with pytest.raises(QueryError, match="give an item id"):
+        gate.item_id("  ")
+
+
+# ----------------------------------------------------------------------------- through a running app
+
+def rss_kb(pid, field):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def folder_bytes(folder):
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def app_process(trained_runs, cache_dir, tmp_path_factory):
+    """The app in its own process (its memory measured alone), with its own temp folders and a watchdog that kills it
+    past 3 GB, so that a gate that fails cannot take this machine's memory."""
+    temp = tmp_path_factory.mktemp("app-temp")
+    port = free_port()
+    env = child_env(TMPDIR=str(temp), GRADIO_TEMP_DIR=str(temp / "gradio"), OMP_NUM_THREADS="2")
+    log = open(temp / "app.log", "w")
+    process = subprocess.Popen([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--cache-dir",
+                                str(cache_dir), "--no-compile", "--port", str(port)], cwd=REPO, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    stop = threading.Event()
+
+    def watchdog():
+        while not stop.wait(0.05) and process.poll() is None:
+            if rss_kb(process.pid, "VmRSS") > 3 << 20:
+                process.kill()
+    threading.Thread(target=watchdog, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (temp / "app.log").read_text()[-3000:]
+        try:
+            if httpx.get(url + "/api/search_text?q=shirt", timeout=2).status_code in (200, 400):
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield process, url, temp / "gradio"
+    stop.set()
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+def good_photo():
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def measured(process, url, send):
+    """(answer, seconds, peak RSS growth in MB, seconds a good JSON query from another client took meanwhile)."""
+    pid = process.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = rss_kb(pid, "VmRSS")
+    other = {}
+
+    def good_client():
+        time.sleep(0.1)
+        started = time.monotonic()
+        response = httpx.post(url + "/api/search_image", content=good_photo(), timeout=30)
+        other["seconds"], other["status"] = time.monotonic() - started, response.status_code
+    thread = threading.Thread(target=good_client)
+    thread.start()
+    started = time.monotonic()
+    answer = send()
+    seconds = time.monotonic() - started
+    thread.join()
+    assert other["status"] == 200
+    return answer, seconds, (rss_kb(pid, "VmHWM") - before) / 1024, other["seconds"]
+
+
+@pytest.mark.parametrize("route", ["json", "gradio"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_photos_through_the_app_cost_little_and_stall_nobody(app_process, name, route, tmp_path):
+    process, url, gradio_cache = app_process
+    build, file_name, expect = CASES[name]
+    data = build()
+    cache_before = folder_bytes(gradio_cache) if gradio_cache.exists() else 0
+    if route == "json":
+        def send():
+            response = httpx.post(url + "/api/search_image", content=data, timeout=60)
+            return response.status_code, response.json()
+        (status, body), seconds, grown, other = measured(process, url, send)
+        if expect == "results":
+            assert status == 200 and len(body["results"]) == 5, body
+        else:
+            assert status == 400 and expect in body["error"], body
+    else:
+        from gradio_client import Client, handle_file
+
+        path = tmp_path / file_name  # the name that made Gradio re-encode the upload
+        path.write_bytes(data)
+        client = Client(url + "/", verbose=False)
+
+        def send():
+            try:
+                return client.predict(handle_file(str(path)), "Any", "Any", "Any", "Any", api_name="/search_image")
+            except Exception as exc:  # noqa: BLE001 - gradio_client raises AppError with the app's message
+                return exc
+        answer, seconds, grown, other = measured(process, url, send)
+        if expect == "results":
+            assert isinstance(answer, list) and len(answer) == 5, answer
+        else:
+            assert isinstance(answer, Exception) and expect in str(answer), answer
+        # the upload itself, stored once as it came: nothing decoded, converted or re-encoded into the cache
+        assert folder_bytes(gradio_cache) - cache_before <= len(data) + 4096
+    assert seconds < 2, f"{name} took {seconds:.1f} s"
+    assert grown <= 300, f"{name} raised peak RSS by {grown:.0f} MB"
+    assert other < 2, f"a good query waited {other:.1f} s meanwhile"
+
+
+# ----------------------------------------------------------------------------- upload bodies
+
+def trickle(url, seconds, stop):
+    """A raw HTTP upload that sends its headers, then a byte every 0.2 s; returns what the server answered."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=seconds + 10)
+    sock.sendall(b"POST /api/search_image HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    sock.settimeout(0.2)
+    answer, started = b"", time.monotonic()
+    try:
+        while time.monotonic() - started < seconds and not stop.is_set():
+            try:
+                answer += sock.recv(4096)
+                if answer:  # the rest of the answer follows at once
+                    sock.settimeout(1)
+                    with contextlib.suppress(OSError):
+                        while more := sock.recv(4096):
+                            answer += more
+                    break
+            except socket.timeout:
+                pass
+            try:
+                sock.sendall(b"\0")
+            except OSError:
+                break
+    finally:
+        sock.close()
+    return answer.decode("latin-1")
+
+
+def test_the_65th_trickling_upload_is_refused_before_it_has_finished_and_a_slow_one_is_cut_off(served, monkeypatch):
+    """64 uploads that never finish hold every slot: the 65th gets 503 at once, while it is still sending. A body
+    slower than the deadline is cut off with 408."""
+    import app
+
+    url = served.rstrip("/")
+    stop = threading.Event()
+    answers = [None] * app.MAX_PENDING
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, trickle(url, 40, stop)))
+               for i in range(app.MAX_PENDING)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)  # every trickle has its slot
+    started = time.monotonic()
+    last = trickle(url, 10, threading.Event())
+    assert "503" in last.split("\r\n")[0] and "retry-after" in last.lower(), last
+    assert time.monotonic() - started < 2
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    monkeypatch.setattr(gate, "UPLOAD_DEADLINE", 1.0)
+    time.sleep(1)  # the stopped trickles' requests end (their bodies never arrive: cut off at their deadline)
+    started = time.monotonic()
+    slow = trickle(url, 10, threading.Event())
+    assert "408" in slow.split("\r\n")[0] and "did not arrive within 1 s" in slow, slow
+    assert time.monotonic() - started < 3
+
+
+def test_unfinished_uploads_hold_at_most_the_upload_budget():
+    budget = gate.UploadBudget(limit=100)
+    budget.take(60)
+    with pytest.raises(Busy):
+        budget.take(50)
+    budget.give(60)
+    budget.take(100)
+    assert budget.held == 100
