@@ -11,14 +11,16 @@ import argparse
 import threading
 from pathlib import Path
 
-from fashion_search import calibration
+from fashion_search import calibration, combiner
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.runtime import device_arg, positive_int
 from fashion_search.serving import batching, gate
-from fashion_search.serving.catalog import ANY, calibration_photos, catalog_from_dataset, catalog_from_run
+from fashion_search.serving.catalog import (ANY, TOP_K, calibration_photos, catalog_from_dataset, catalog_from_run,
+                                            check_page)
 from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
 from fashion_search.serving.errors import Busy, QueryError
+from fashion_search.serving.query import Part, Query, from_json, parse_box, query_params_filters, whole_number
 from fashion_search.serving.service import MIN_CONFIDENCE, SearchService
 
 MAX_PENDING = batching.MAX_PENDING  # per route family, as the batcher's own bound
@@ -55,14 +57,26 @@ def raw_upload(payload):
 
 
 def query_tabs(service: SearchService):
-    """The photo, URL and text tabs: [(event, search function, input, API name or None)]."""
+    """The photo, region, URL and text tabs: [(event, search function name, inputs, API name or None)]."""
     import gradio as gr
 
     with gr.Tabs():
         with gr.Tab("Photo"):
             image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="photo (drop, paste or click)")
             image.preprocess = raw_upload
+            with gr.Row():
+                words = gr.Textbox(label="refine with words (optional)", placeholder="in red",
+                                   interactive=service.encoder.text_search, scale=3,
+                                   info=None if service.encoder.text_search else service.encoder.text_search_why)
+                weight = gr.Slider(-1, 1, value=0.5, step=0.1, label="weight of the words (negative: away from them)",
+                                   scale=2)
             image_button = gr.Button("Search by photo", variant="primary")
+            api_image = gr.Button(visible=False)  # the Gradio API's /search_image: the photo alone
+        with gr.Tab("Region"):
+            region = gr.ImageEditor(type="filepath", sources=["upload", "clipboard"], layers=False, brush=False,
+                                    eraser=False, transforms=("crop",), label="photo: crop it to the product")
+            region.preprocess = raw_composite
+            region_button = gr.Button("Search by the cropped region", variant="primary")
         with gr.Tab("Image URL"):
             url = gr.Textbox(label="image URL", placeholder="https://...")
             url_button = gr.Button("Search by URL", variant="primary")
@@ -72,15 +86,34 @@ def query_tabs(service: SearchService):
                 text_button = gr.Button("Search by text", variant="primary")
             else:
                 gr.Markdown(f"Text search is off: {service.encoder.text_search_why}")
-    routes = [(image_button.click, service.search_image_file, image, "search_image"),
-              (image.upload, service.search_image_file, image, None),
-              (url_button.click, service.search_url, url, "search_url"),
-              (url.submit, service.search_url, url, None)]
+    routes = [(image_button.click, "search_photo", [image, words, weight], None),
+              (words.submit, "search_photo", [image, words, weight], None),
+              (image.upload, "search_image_file", [image], None),
+              (api_image.click, "search_image_file", [image], "search_image"),
+              (region_button.click, "search_image_file", [region], None),
+              (url_button.click, "search_url", [url], "search_url"),
+              (url.submit, "search_url", [url], None)]
     if service.encoder.text_search:
-        return routes + [(text_button.click, service.search_text, text, "search_text"),
-                         (text.submit, service.search_text, text, None)]
+        return routes + [(text_button.click, "search_text", [text], "search_text"),
+                         (text.submit, "search_text", [text], None)]
     text = gr.Textbox(visible=False)  # the API answers why, rather than not knowing the route
-    return routes + [(text.submit, service.search_text, text, "search_text")]
+    return routes + [(text.submit, "search_text", [text], "search_text")]
+
+
+def raw_composite(payload):
+    """The region tab's preprocess: the cropped photo as the browser drew it (a PNG file), for the gate to check;
+    Gradio's own would open and re-save every layer."""
+    if payload is None or payload.composite is None:
+        return None
+    return raw_upload(payload.composite)
+
+
+def remembered(service: SearchService, name: str):
+    """A page search that also remembers itself (function and inputs), so that "more" can ask for the next page."""
+    def call(*args):
+        return getattr(service, name)(*args), {"fn": name, "args": list(args)}
+    call.__name__ = name
+    return call
 
 
 def build_page(service: SearchService, notice: str = ""):
@@ -94,16 +127,26 @@ def build_page(service: SearchService, notice: str = ""):
             # allow_custom_value: an unknown value reaches Catalog.check_filters, which names the valid ones on every
             # route alike (Gradio's own check would log a traceback per request)
             filters = [gr.Dropdown(catalog.choices(column), value=ANY, label=column, allow_custom_value=True)
-                       for column in service.filter_columns]
+                       for column in service.page_columns]
         routes = query_tabs(service)
-        gallery = gr.Gallery(label="top 5, best first (click one to search by it)", columns=5, height="auto",
+        gallery = gr.Gallery(label="results, best first (click one to search by it)", columns=5, height="auto",
                              allow_preview=False, elem_id="results-gallery")
+        more = gr.Button("More results", elem_id="more-results", size="sm")
         details = gr.Markdown(elem_id="results-details")  # each result in full, and "no close match"
-        results = gr.JSON(label="results")
+        last = gr.State(None)  # the last search, for "more"
+        with gr.Accordion("API answer", open=False):
+            results = gr.JSON(label="results")
         item_id = gr.Textbox(visible=False)  # ids are numbers or, for a folder of photos, file names
-        for trigger, fn, source, name in routes:
-            trigger(guarded(fn), [source, *filters], results, api_name=name,
-                    api_visibility="public" if name else "private")
+        for trigger, name, sources, api_name in routes:
+            trigger(guarded(remembered(service, name)), [*sources, *filters], [results, last], api_name=api_name,
+                    api_visibility="public" if api_name else "private")
+        gr.api(guarded_search(service), api_name="search")
+
+        def next_page(current, query):
+            if not query or not current:
+                return current
+            return current + getattr(service, query["fn"])(*query["args"], offset=len(current))
+        more.click(guarded(next_page), [results, last], results, api_visibility="private")
         # The gallery is drawn on the page's own 'change' of the results, so API calls (which return only the
         # records) never pay for decoding and re-encoding five photos.
         results.change(guarded(service.gallery), results, gallery, api_visibility="private")
@@ -116,10 +159,24 @@ def build_page(service: SearchService, notice: str = ""):
         clicked.__annotations__ = {"selection": gr.SelectData}
 
         gallery.select(clicked, results, item_id, api_visibility="private").success(
-            guarded(service.search_item), [item_id, *filters], results, api_name="search_item")
+            guarded(remembered(service, "search_item")), [item_id, *filters], [results, last],
+            api_name="search_item")
     for block in page.blocks.values():
         refuse_urls_as_files(block)
     return page
+
+
+# The gallery's own height ("auto") left a band of empty space below one row of photos.
+PAGE_CSS = "#results-gallery .grid-wrap { min-height: 0 !important; height: auto !important; }"
+
+
+def guarded_search(service: SearchService):
+    def search(query: str) -> list[dict]:
+        """A composed query as JSON text: {"parts": [{"photo": base64} | {"url": ...} | {"item": id} | {"text": ...},
+        each with an optional "weight"], "filters": {...}, "k": 5, "offset": 0, "box": [x0, y0, x1, y1],
+        "collapse": true} (docs/api.md)."""
+        return guarded(service.search_json)(query)
+    return search
 
 
 def refuse_urls_as_files(block):
@@ -197,7 +254,7 @@ def load_service(args) -> tuple[SearchService, str]:
         encoder = Encoder(str(run / "hf_model"), args.device, args.int8)
         catalog = catalog_from_run(run, encoder, args.dataset, args.cache_dir, args.index, ray_actors(args))
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls,
-                             calibration.load(run), args.min_confidence), ""
+                             calibration.load(run), args.min_confidence, combiner.load(run)), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {args.model} "
               f"zero-shot.")
     print(notice)
@@ -217,61 +274,98 @@ def load_service(args) -> tuple[SearchService, str]:
 def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
     """Plain HTTP + JSON routes beside the page, for programs that need speed: one request, no upload step, no
     queue, no event stream. Through gradio_client a query pays the client's and Gradio's own protocol even when no
-    model runs (BENCHMARKS.md, section 3); here it costs the model and little else.
+    model runs (BENCHMARKS.md, section 3); here it costs the model and little else. docs/api.md has an example of
+    each.
 
-        POST /api/search_image?gender=..&masterCategory=..&articleType=..   body: the image file's bytes
-        GET  /api/search_text?q=navy+shirt&gender=..                        (also /api/search_url?url=..,
-                                                                             /api/search_item?id=..)
-    Answer: {"results": [records, best first]}, or {"error": message} with status 400 (408 for an upload slower than
-    the gate's deadline, 413 for too large, 503 with Retry-After when MAX_PENDING requests are already in progress,
-    500 when the model failed)."""
-    from fastapi.responses import JSONResponse
+        POST /api/search          body: {"parts": [...], "filters": {...}, "k": 5, "offset": 0, "box": [...]}
+        POST /api/search_image    body: the photo's bytes         \
+        GET  /api/search_text?q=..   /api/search_url?url=..         } query string: any filter column (Red,Blue;
+        GET  /api/search_item?id=..                                / baseColour!=Black), k, offset, box, collapse
+        POST /api/search_batch    multipart: up to MAX_BATCH photos (any field names), filters and k as above
+    Answer: {"results": [records, best first]} ({"answers": [...]} for a batch), or {"error": message} with status
+    400 (408 for an upload slower than the gate's deadline, 413 for too large, 503 with Retry-After when MAX_PENDING
+    requests are already in progress, 500 when the model failed)."""
+    import json
+
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
 
     pending = [0]  # requests in progress on these routes, uploads included (one event loop: no lock needed)
+    page_params = {"k", "offset", "box", "collapse"}
 
     def error(exc: QueryError):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 503 else None
         return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
-    def route(search, first):
-        """A route: its slot is taken before anything is read (a full bound answers 503 at once), then ``first``
-        reads the query's first argument (an upload's body, a parameter), then the search runs in a worker thread,
+    def route(read):
+        """A route: its slot is taken before anything is read (a full bound answers 503 at once), then ``read``
+        makes the search from the request (an upload's body read through the gate), and it runs in a worker thread,
         where concurrent requests meet in the MicroBatcher."""
         async def handle(request):
-            query = request.query_params
-            unknown = sorted(set(query) - {"q", "url", "id", *service.filter_columns})
-            if unknown:
-                return error(QueryError(f"unknown parameter {unknown[0]!r} "
-                                        f"(filters: {', '.join(service.filter_columns)})"))
             if pending[0] >= MAX_PENDING:
                 return error(Busy("busy, try again in a moment"))
             pending[0] += 1
             try:
-                value = await first(request)
-                filters = [query.get(column) for column in service.filter_columns]
-                results = await run_in_threadpool(search, value, *filters)
-                close = service.close_match(results)
-                return JSONResponse({"results": results} if close is None else
-                                    {"results": results, "close_match": close})
+                search = await read(request)
+                answer = await run_in_threadpool(search)
+                if isinstance(answer, dict):  # a batch
+                    return JSONResponse(answer)
+                close = service.close_match(answer)
+                return JSONResponse({"results": answer} if close is None else {"results": answer, "close_match": close})
             except QueryError as exc:
                 return error(exc)
             finally:
                 pending[0] -= 1
         return handle
 
-    def parameter(name):
+    def from_params(request, part_kind: str | None, value=None) -> Query:
+        """A query from a GET route's query string (or the image route's): one part, page, box, filters."""
+        params, first = request.query_params, {"text": "q", "url": "url", "item": "id"}.get(part_kind)
+        filters = {column: v for column, v in params.items() if column not in page_params | {first}}
+        known = set(service.filter_columns) | {f"{column}!" for column in service.filter_columns}
+        unknown = sorted(set(filters) - known)
+        if unknown:
+            raise QueryError(f"unknown parameter {unknown[0][:100]!r} (filters: {', '.join(service.filter_columns)}; "
+                             f"also k, offset, box, collapse)")
+        query = Query((Part(part_kind, params.get(first, "") if value is None else value),),
+                      query_params_filters(filters), whole_number(params.get("k"), "k", TOP_K),
+                      whole_number(params.get("offset"), "offset", 0), parse_box(params.get("box")),
+                      params.get("collapse", "true").lower() not in ("0", "false", "no"))
+        check_page(query.k, query.offset)
+        return query
+
+    def one_part(kind):
         async def read(request):
-            return request.query_params.get(name, "")
+            query = from_params(request, kind)
+            return lambda: service.run(query)
         return read
 
-    async def body(request):
-        return await gate.read_body(request, max_upload_bytes)
+    async def image(request):
+        query = from_params(request, "photo", b"")  # checked before the body is read
+        data = await gate.read_body(request, max_upload_bytes)
+        return lambda: service.run(Query((Part("photo", data),), query.filters, query.k, query.offset, query.box,
+                                         query.collapse))
 
-    fastapi_app.add_route("/api/search_image", route(service.search_image_bytes, body), methods=["POST"])
-    fastapi_app.add_route("/api/search_text", route(service.search_text, parameter("q")), methods=["GET"])
-    fastapi_app.add_route("/api/search_url", route(service.search_url, parameter("url")), methods=["GET"])
-    fastapi_app.add_route("/api/search_item", route(service.search_item, parameter("id")), methods=["GET"])
+    async def composed(request):
+        body = await gate.read_body(request, gate.MAX_QUERY_BYTES)
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            raise QueryError('the body is JSON: {"parts": [...], "filters": {...}, "k": 5, "offset": 0}') from None
+        query = from_json(parsed, max_upload_bytes)
+        return lambda: service.run(query)
+
+    async def batch(request):
+        params = from_params(request, "photo", b"")
+        photos = await gate.read_photos(request, gate.MAX_BATCH, max_upload_bytes)
+        return lambda: {"answers": service.search_batch(photos, params.filters, params.k)}
+
+    fastapi_app.add_route("/api/search", route(composed), methods=["POST"])
+    fastapi_app.add_route("/api/search_image", route(image), methods=["POST"])
+    fastapi_app.add_route("/api/search_text", route(one_part("text")), methods=["GET"])
+    fastapi_app.add_route("/api/search_url", route(one_part("url")), methods=["GET"])
+    fastapi_app.add_route("/api/search_item", route(one_part("item")), methods=["GET"])
+    fastapi_app.add_route("/api/search_batch", route(batch), methods=["POST"])
 
 
 def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=False, max_upload_mb=10,
@@ -280,7 +374,7 @@ def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, share=
     page = build_page(service, notice)
     page.queue(default_concurrency_limit=16, max_size=MAX_PENDING)  # concurrent requests meet in the MicroBatcher
     page.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
-                footer_links=["api"], show_error=False, prevent_thread_lock=True, **launch_kwargs)
+                footer_links=["api"], show_error=False, prevent_thread_lock=True, css=PAGE_CSS, **launch_kwargs)
     add_json_api(page.app, service, max_upload_mb * 2**20)
     if block:
         page.block_thread()

@@ -6,6 +6,7 @@ Usage:
   python catalog.py add --run runs/clip [--index faiss] ITEMS     (ITEMS: a folder of photos, or a dataset folder)
   python catalog.py remove --run runs/clip [--index faiss] ID [ID ...]
   python catalog.py count --run runs/clip [--index faiss]
+  python catalog.py duplicates --run runs/clip [--index faiss] [--threshold 0.99995]
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write
 from fashion_search.runtime import device_arg
 from fashion_search.serving.catalog import catalog_from_run, dataset_image_bytes, embed_dataset, item_records
+from fashion_search.serving.duplicates import DUPLICATE_COSINE, catalog_groups
 from fashion_search.serving.encoder import Encoder
 from fashion_search.serving.errors import QueryError
 from fashion_search.serving.gate import item_id
@@ -25,13 +27,14 @@ from fashion_search.serving.gate import item_id
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{add,remove,count}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{add,remove,count,duplicates}")
     # each command its own parser, so that options and items may come in any order after it
     specs = {"add": ("embed a folder of photos (ids from file names) or a dataset folder, and add or replace them",
                      dict(metavar="ITEMS", help="a folder of photos, or a dataset folder with an image column and the "
                           "catalog's metadata columns")),
              "remove": ("remove items by id", dict(nargs="+", metavar="ID", help="item ids")),
-             "count": ("print how many items the catalog holds", None)}
+             "count": ("print how many items the catalog holds", None),
+             "duplicates": ("list groups of near-duplicate items (the same product listed twice)", None)}
     for name, (description, items) in specs.items():
         command = commands.add_parser(name, help=description, description=description)
         if items:
@@ -41,7 +44,21 @@ def parse_args(argv=None):
                              "milvus://HOST:PORT/COLLECTION")
         command.add_argument("--device", type=device_arg, default="cpu")
         command.add_argument("--cache-dir", default="data/cache")
+        if name == "duplicates":
+            command.add_argument("--threshold", type=float, default=DUPLICATE_COSINE,
+                                 help="the cosine from which two items are near-duplicates (BENCHMARKS.md, section 8)")
     return parser.parse_args(argv)
+
+
+def list_duplicates(catalog, threshold: float):
+    """Groups of near-duplicates, one line each: the ids, and each one's name where the catalog has names."""
+    keys, vectors = catalog.store.items()
+    groups = catalog_groups(vectors, threshold)
+    for group in groups:
+        names = [str(catalog.store.fetch(keys[i])[1].get("productDisplayName") or "") for i in group]
+        print("  ".join(f"{keys[i]}" + (f" ({name})" if name else "") for i, name in zip(group, names)))
+    print(f"{len(groups):,} groups of near-duplicates (cosine >= {threshold:g}) holding "
+          f"{sum(len(g) for g in groups):,} of {len(keys):,} items")
 
 
 def add(catalog, encoder, spec: str, cache_dir: str):
@@ -86,6 +103,8 @@ def main(argv=None):
         add(catalog, encoder, args.items, args.cache_dir)
     elif args.command == "remove":
         remove(catalog, args.items)
+    elif args.command == "duplicates":
+        list_duplicates(catalog, args.threshold)
     else:
         print(f"the catalog holds {catalog.store.count():,} items")
     catalog.store.close()

@@ -10,22 +10,20 @@ import argparse
 import importlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fashion_search import checkpoint  # noqa: E402
-from fashion_search.data import SPLITS, image_cache, load_processed  # noqa: E402
-from fashion_search.embed import job_embed  # noqa: E402
-from fashion_search.inference import EMBED_BATCH, embed_images  # noqa: E402
-from fashion_search.pipeline import load_trained  # noqa: E402
-from fashion_search.runs import load_split  # noqa: E402
-from fashion_search.runtime import Runtime  # noqa: E402
-from fashion_search.stores.faiss_store import build_index  # noqa: E402
+from fashion_search import checkpoint
+from fashion_search.data import SPLITS, image_cache, load_processed
+from fashion_search.embed import job_embed
+from fashion_search.inference import EMBED_BATCH, embed_images
+from fashion_search.pipeline import load_trained
+from fashion_search.runs import load_split
+from fashion_search.runtime import Runtime
+from fashion_search.stores.faiss_store import build_index
 
 
 def catalog_vectors(run: Path) -> np.ndarray:

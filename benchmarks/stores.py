@@ -9,16 +9,14 @@ Usage: python benchmarks/stores.py [--items 100000] [--dim 512] [--queries 200] 
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.search import clustered  # noqa: E402
-from fashion_search.stores import open_store  # noqa: E402
+from search import clustered  # benchmarks/search.py, beside this script
+from fashion_search.stores import open_store
 
 
 def measure(store, queries, truth, k=5):

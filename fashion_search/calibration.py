@@ -52,6 +52,18 @@ def reliability(calibration: dict, scores, matches, bins: int = 10) -> list[dict
             for b in range(bins) if (which == b).any()]
 
 
+def for_kind(calibration: dict | None, kind: str) -> dict | None:
+    """The calibration of one kind of query: photo (the file's own map), or text / composed (under "kinds", fitted
+    on their own val queries: their similarities live on other scales). None where that kind was not fitted: such
+    results then carry no confidence rather than a wrong one."""
+    if calibration is None:
+        return None
+    if kind == "photo":
+        return calibration
+    fitted = calibration.get("kinds", {}).get(kind)
+    return fitted if fitted and fitted.get("scores") else None
+
+
 def load(run_dir) -> dict | None:
     """The run's calibration, or None where it has none (runs made before it existed, a zero-shot model)."""
     path = Path(run_dir) / FILE

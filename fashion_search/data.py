@@ -56,9 +56,7 @@ def load_raw_dataset(spec: str):
 def catalog_splits(spec: str) -> dict:
     """A dataset to embed as a catalog (a hub name, a hub-layout or processed folder, or a folder of image files) as
     {split name: dataset}; one without splits is one split named 'all'. It must have an ``image`` column and rows;
-    an ``id`` column is made from the file names where there is none (or from row numbers)."""
-    from datasets import Image as ImageFeature
-
+    an ``id`` column is made where there is none (photo_ids)."""
     data = load_raw_dataset(spec)
     splits = dict(data) if hasattr(data, "keys") else {"all": data}
     for name, split in splits.items():
@@ -107,9 +105,11 @@ def load_processed(data_dir):
     return datasets.load_from_disk(str(data_dir)), label_map
 
 
-def metadata_frame(split_ds, split_name: str):
-    """Row-aligned metadata of a split (no images) as a pandas DataFrame."""
-    columns = [c for c in META_COLUMNS + ("label",) if c in split_ds.column_names]
+def metadata_frame(split_ds, split_name: str, every_column: bool = False):
+    """Row-aligned metadata of a split (no images) as a pandas DataFrame: META_COLUMNS and the label, or with
+    ``every_column`` all but the image (a user's catalog's own columns, which filter its searches)."""
+    columns = [c for c in (split_ds.column_names if every_column else META_COLUMNS + ("label",))
+               if c in split_ds.column_names and c != "image"]
     frame = split_ds.select_columns(columns).to_pandas()
     frame.insert(0, "row", np.arange(len(frame)))
     frame.insert(1, "split", split_name)

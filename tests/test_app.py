@@ -345,7 +345,8 @@ def test_plain_json_api(served, service, server):
         assert response.status_code == 200
         results = response.json()["results"]
         assert len(results) == 5 and results[0]["id"] == item_id
-        assert results == service.search_image_bytes(data)
+        # the JSON routes fold near-duplicates (each result lists them: none here), as the page's searches do not
+        assert all(r.pop("duplicates") == [] for r in results) and results == service.search_image_bytes(data)
         filtered = http.post("/api/search_image", params={"gender": "Men"}, content=data).json()["results"]
         assert filtered and all(r["gender"] == "Men" for r in filtered)
         text = http.get("/api/search_text", params={"q": "Blue Shirts", "gender": "Men"}).json()["results"]

@@ -3,8 +3,6 @@ running app's Gradio and JSON routes (peak memory, time, upload cache, a good qu
 the decode limiter; Pillow's odd exceptions; upload bodies within the bound."""
 import contextlib
 import io
-import json
-import os
 import subprocess
 import sys
 import threading

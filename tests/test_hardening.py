@@ -258,7 +258,7 @@ def test_embed_only_writes_beside_the_trained_run_never_into_it(trained_runs, hu
 def test_base_colour_filters_and_unknown_values_name_the_valid_ones(service, served):
     import httpx
 
-    assert service.filter_columns == ["gender", "masterCategory", "articleType", "baseColour"]
+    assert service.page_columns == ["gender", "masterCategory", "articleType", "baseColour"]
     data = service.catalog.image_bytes(service.catalog.store.keys()[0])
     reds = service.search_image_bytes(data, None, None, None, "Red")
     assert reds and all(r["baseColour"] == "Red" for r in reds)

@@ -96,7 +96,7 @@ def test_every_catalog_command_in_the_readme_runs_as_written(live, cache_dir, tm
     new_photos(work / "NEW_PHOTOS", count=3)
     monkeypatch.chdir(work)
     commands = readme_commands("catalog.py")
-    assert {shlex.split(c)[2] for c in commands} == {"add", "remove", "count"}, commands
+    assert {shlex.split(c)[2] for c in commands} == {"add", "remove", "count", "duplicates"}, commands
     before = len(service.catalog)
     for command in commands:
         argv = shlex.split(command)
@@ -104,6 +104,7 @@ def test_every_catalog_command_in_the_readme_runs_as_written(live, cache_dir, tm
         catalog.main(argv[2:])
     out = capsys.readouterr().out
     assert f"added 3 items and replaced 0: the catalog holds {before + 3}" in out
+    assert "groups of near-duplicates (cosine >= 0.99995)" in out
     assert len(service.catalog) == before + 3
 
 

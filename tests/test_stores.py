@@ -101,7 +101,7 @@ def test_filters_restrict_inside_the_search(spec):
         hits = store.search(query, 5, {"baseColour": "Blue", "articleType": "Shirts"})
         assert [h.key for h in hits] == [keys[i] for i in brute_force(vectors, query, 5, allowed)]
         assert len(hits) == 5  # as many as asked, since enough items match
-    assert store.values("baseColour") == sorted(COLOURS)
+    assert store.values()["baseColour"] == sorted(COLOURS)
     store.close()
 
 
@@ -298,3 +298,48 @@ def test_a_failed_load_is_tried_again_at_the_next_query(tmp_path, monkeypatch):
     monkeypatch.setattr(faiss_store, "load_version", flaky)
     assert reader.refresh() is False and reader.fetch("500") is None  # this query still sees the old version
     assert reader.refresh() is True and reader.fetch("500") is not None  # the next one loads it
+
+
+def test_filters_take_several_values_exclusions_and_any_column(spec):
+    from fashion_search.stores import Match
+
+    store = open_store(*spec, DIM, "fp-1")
+    keys, vectors, records = items(60)
+    for i, record in enumerate(records):
+        record["season"] = ("Summer", "Winter", "Fall")[i % 3]
+        record["year"] = 2010.0 + i % 2
+    store.build("fp-1", keys, vectors, records)
+    query = vectors[0]
+    for filters, allowed in (
+            ({"baseColour": Match(("Red", "Blue"))}, lambda r: r["baseColour"] in ("Red", "Blue")),
+            ({"baseColour": Match(("Red",), exclude=True)}, lambda r: r["baseColour"] != "Red"),
+            ({"season": Match(("Winter",)), "year": Match(("2011",))}, lambda r: r["season"] == "Winter" and
+             r["year"] == 2011.0),
+            ({"season": Match(("Summer", "Fall"), exclude=True), "articleType": "Shirts"},
+             lambda r: r["season"] == "Winter" and r["articleType"] == "Shirts")):
+        mask = np.array([allowed(r) for r in records])
+        expected = [keys[i] for i in brute_force(vectors, query, 10, mask)]
+        assert [hit.key for hit in store.search(query, 10, filters)] == expected, filters
+    values = store.values()
+    assert values["season"] == ["Fall", "Summer", "Winter"] and values["year"] == ["2010", "2011"]
+    assert "productDisplayName" not in values and "id" not in values
+
+
+def test_pages_of_25_concatenated_equal_one_query_of_100(spec, request):
+    """Through HNSW too (6,000 items on FAISS; an HNSW index on the server), pages never overlap or skip."""
+    name, folder = spec
+    if "index=FLAT" in name and "catalog.db" not in name:  # the server: its HNSW index
+        name = name.replace("index=FLAT", "index=HNSW")
+    store = open_store(name, folder, DIM, "fp-1")
+    count = 6000 if name == "faiss" else 400
+    keys, vectors, records = items(count)
+    store.build("fp-1", keys, vectors, records)
+    if name == "faiss":
+        assert store.kind == "IndexHNSWFlat"
+    for query in vectors[:3] + 0.05:
+        whole = [hit.key for hit in store.search(query, 100)]
+        pages = [hit.key for offset in range(0, 100, 25) for hit in store.search(query, 25, offset=offset)]
+        assert pages == whole and len(set(whole)) == 100
+        filtered = [hit.key for hit in store.search(query, 40, {"baseColour": "Red"})]
+        paged = [hit.key for offset in (0, 20) for hit in store.search(query, 20, {"baseColour": "Red"}, offset)]
+        assert paged == filtered

@@ -33,22 +33,33 @@ class MicroBatcher:
 
         self.fn, self.max_batch, self.max_wait, self.memory, self.timeout = fn, max_batch, max_wait, memory, timeout
         self.requests = queue.Queue(maxsize=max_pending)
+        self.adding = threading.Lock()
         self.recent = collections.deque()  # (finished at, batch size) of the batches of the last `memory` seconds
         threading.Thread(target=self._work, daemon=True, name="embed-batcher").start()
 
     def __call__(self, item):
+        return self.map([item])[0]
+
+    def map(self, items):
+        """Each item's answer, in order: all are queued at once (so they share batches), or none is (Busy)."""
         import queue
         from concurrent.futures import Future, TimeoutError as FutureTimeout
 
-        future = Future()
+        futures = [Future() for _ in items]
+        with self.adding:  # a caller's items go in together, or not at all
+            if self.requests.maxsize - self.requests.qsize() < len(items):
+                raise Busy("busy, try again in a moment")
+            for item, future in zip(items, futures):
+                try:
+                    self.requests.put_nowait((item, future))
+                except queue.Full:  # only this caller adds under the lock; the worker only takes
+                    raise Busy("busy, try again in a moment") from None
+        deadline = time.monotonic() + self.timeout
         try:
-            self.requests.put_nowait((item, future))
-        except queue.Full:
-            raise Busy("busy, try again in a moment") from None
-        try:
-            return future.result(timeout=self.timeout)
+            return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except FutureTimeout:
-            future.cancel()  # the worker skips it if it has not started it yet
+            for future in futures:
+                future.cancel()  # the worker skips those it has not started yet
             raise Busy(f"busy: no answer within {self.timeout:g} s, try again") from None
 
     def expected_batch(self, now: float) -> int:

@@ -15,27 +15,50 @@ from fashion_search.files import file_sha256, fingerprint
 from fashion_search.serving.gate import decode_square, item_id
 from fashion_search.inference import EMBED_BATCH
 from fashion_search.runs import load_split
+from fashion_search.serving import duplicates
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
 from fashion_search.serving.errors import QueryError
-from fashion_search.stores import FILTER_COLUMNS, open_store
+from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Match, open_store
 
 TOP_K = 5
+MAX_K = 100  # results in one page
+MAX_CHOICES = 1_000
 ANY = "Any"
 
 
+def check_page(k, offset):
+    if not (isinstance(k, int) and 1 <= k <= MAX_K):
+        raise QueryError(f"k is a whole number from 1 to {MAX_K}")
+    if not (isinstance(offset, int) and 0 <= offset and offset + k <= SEARCH_DEPTH):
+        raise QueryError(f"offset is a whole number from 0, with offset + k at most {SEARCH_DEPTH}")
+
+
+def split_values(value) -> list[str]:
+    """Filter values as given: a list, or text with commas between several ("Red,Blue"); Any and blanks dropped."""
+    if value is None:
+        return []
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [text for part in parts if (text := str(part).strip()) and text != ANY]
+
+
 RESULT_FIELDS = ("id", "productDisplayName", "articleType", "baseColour", "gender")
+RECORDS_VERSION = 2  # part of a catalog's fingerprint: 2 = records carry every metadata column (any one filters)
 
 
 class Catalog:
     """The catalog items in a store (their vectors and records) and where each item's photo comes from. Searches see
     items another process adds or removes (catalog.py) without a restart."""
 
-    def __init__(self, store, photos: "PhotoSource"):
-        self.store, self.photos = store, photos
+    def __init__(self, store, photos: "PhotoSource", duplicate_cosine: float = duplicates.DUPLICATE_COSINE):
+        self.store, self.photos, self.duplicate_cosine = store, photos, duplicate_cosine
         self._choices = self._read_choices()
 
     def _read_choices(self) -> dict:
-        return {column: values for column in FILTER_COLUMNS if (values := self.store.values(column))}
+        """Each filter column's values: the page's columns first, then the others; a column of more than MAX_CHOICES
+        distinct values (free text, numbers) is not a category and is not offered."""
+        values = self.store.values()
+        order = [*FILTER_COLUMNS, *sorted(set(values) - set(FILTER_COLUMNS))]
+        return {column: values[column] for column in order if 0 < len(values.get(column, ())) <= MAX_CHOICES}
 
     def __len__(self):
         self.refresh()
@@ -43,8 +66,14 @@ class Catalog:
 
     @property
     def filter_columns(self) -> list[str]:
-        """The filter columns this catalog has values for, in the page's order."""
+        """Every column this catalog can be filtered by (the API's filters)."""
         return list(self._choices)
+
+    @property
+    def page_columns(self) -> list[str]:
+        """The page's filter columns this catalog has values for, in the page's order (its dropdowns, and the
+        positional filters of the Gradio API)."""
+        return [column for column in FILTER_COLUMNS if column in self._choices]
 
     def choices(self, column):
         return [ANY] + self._choices.get(column, [])
@@ -53,26 +82,45 @@ class Catalog:
         if self.store.refresh():
             self._choices = self._read_choices()
 
-    def check_filters(self, filters: dict) -> dict:
-        """The filters that restrict (value given and not Any); QueryError for a column the catalog lacks or a value
-        it never holds, naming the valid ones, rather than an empty result."""
-        active = {column: str(value) for column, value in filters.items() if value not in (None, "", ANY)}
-        for column, value in active.items():
+    def check_filters(self, filters: dict) -> dict[str, Match]:
+        """The filters that restrict, as Matches: a value, several (a list, or "Red,Blue"), or a Match (exclusions);
+        None, "" and Any restrict nothing. QueryError for a column the catalog lacks or a value it never holds,
+        naming the valid ones, rather than an empty result."""
+        active = {}
+        for column, value in filters.items():
+            match = value if isinstance(value, Match) else Match(tuple(split_values(value)))
+            if not match.values:
+                continue
             if column not in self._choices:
                 offered = ", ".join(self._choices) or "none"
-                raise QueryError(f"this catalog cannot be filtered by {column} (filters: {offered})")
-            if value not in self._choices[column]:
-                raise QueryError(f"unknown {column} {value!r}; valid values: {', '.join(self._choices[column])}")
+                raise QueryError(f"this catalog cannot be filtered by {str(column)[:100]} (filters: {offered})")
+            for one in match.values:
+                if one not in self._choices[column]:
+                    raise QueryError(f"unknown {column} {one[:100]!r}; valid values: "
+                                     f"{', '.join(self._choices[column])}")
+            active[column] = match
         return active
 
-    def search(self, vector: np.ndarray, filters: dict | None = None, k: int = TOP_K) -> list[dict]:
-        """Top k items by cosine similarity, best first. The store filters inside its search, so k matching items
-        come back whenever k exist."""
+    def search(self, vector: np.ndarray, filters: dict | None = None, k: int = TOP_K, offset: int = 0,
+               collapse: bool = False) -> list[dict]:
+        """Results offset to offset + k by cosine similarity, best first. The store filters inside its search, so k
+        matching items come back whenever k exist; the pages of one query never overlap or skip."""
+        check_page(k, offset)
         self.refresh()
-        hits = self.store.search(vector, k, self.check_filters(filters or {}))
-        # a field the catalog lacks (a user's own photos) shows as empty
-        return [{**{field: "" if hit.record.get(field) is None else hit.record[field] for field in RESULT_FIELDS},
-                 "score": round(hit.score, 4)} for hit in hits]
+        filters = self.check_filters(filters or {})
+        if not collapse:
+            return [result_record(hit) for hit in self.store.search(vector, k, filters, offset)]
+        # Folded: pages of groups. The ranking is read deeper until it holds offset + k groups (or SEARCH_DEPTH
+        # items); groups of a prefix never change as it grows, so pages stay consistent.
+        depth = offset + k
+        while True:
+            hits = self.store.search(vector, depth, filters, vectors=True)
+            groups = duplicates.fold(np.stack([hit.vector for hit in hits]), self.duplicate_cosine) if hits else []
+            if len(groups) >= offset + k or len(hits) < depth or depth >= SEARCH_DEPTH:
+                break
+            depth = min(SEARCH_DEPTH, depth * 2)
+        return [{**result_record(hits[group[0]]), "duplicates": [hits[i].record.get("id") for i in group[1:]]}
+                for group in groups[offset:offset + k]]
 
     def item(self, value) -> tuple[np.ndarray, dict]:
         """An item's vector and record by its id (any text: it stays data); QueryError when the catalog lacks it."""
@@ -87,6 +135,12 @@ class Catalog:
 
     def image_bytes(self, value) -> bytes:
         return self.photos.read(self.item(value)[1])
+
+
+def result_record(hit) -> dict:
+    # a field the catalog lacks (a user's own photos) shows as empty
+    return {**{field: "" if hit.record.get(field) is None else hit.record[field] for field in RESULT_FIELDS},
+            "score": round(hit.score, 4)}
 
 
 class PhotoSource:
@@ -112,8 +166,8 @@ class PhotoSource:
 
 def item_records(meta: pd.DataFrame) -> tuple[list[str], list[dict]]:
     """Store keys and records of catalog rows: the result fields, the filter columns and where the photo is."""
-    columns = [c for c in dict.fromkeys(("id",) + RESULT_FIELDS + FILTER_COLUMNS + ("split", "row", "photo"))
-               if c in meta]
+    columns = [c for c in dict.fromkeys(("id",) + RESULT_FIELDS + FILTER_COLUMNS + tuple(meta.columns))
+               if c in meta and c != "label"]  # every metadata column: any categorical one filters
     records = json.loads(meta[columns].to_json(orient="records"))  # plain Python values, missing ones as None
     try:
         keys = [item_id(value) for value in meta["id"]]
@@ -151,6 +205,7 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
             raise UserError(f"{path} is missing: rerun clip.py or pass --dataset")
     parts = {split: file_sha256(path) for split, path in paths.items()}
     parts["model"] = file_sha256(next((run / "hf_model").glob("*.safetensors")))
+    parts["records"] = RECORDS_VERSION
     built_from = fingerprint(parts)
     store = open_store(index, run / "index", encoder.dim, built_from)
     if store.fingerprint != built_from:  # new, or built from another model or catalog
@@ -186,7 +241,7 @@ def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, ray_actors: in
         factory = EncoderEmbedder(encoder.model_path, str(encoder.device))
         embeddings = ray_engine.embed(factory, image_sets, ray_actors,
                                       gpus_per_actor=1 if encoder.device.type == "cuda" else 0)
-        metas = [metadata_frame(split.select(np.flatnonzero(ok)), name).assign(row=np.flatnonzero(ok))
+        metas = [metadata_frame(split.select(np.flatnonzero(ok)), name, every_column=True).assign(row=np.flatnonzero(ok))
                  for (name, split), (_, ok) in zip(splits.items(), cached.values())]
         return np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
     with job_embed(encoder, [images for images, _ in cached.values()], encoder.device, encoder.dtype,
@@ -196,7 +251,7 @@ def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, ray_actors: in
             keep = np.flatnonzero(ok)
             embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], progress=True,
                                                    compiled=compiled))
-            metas.append(metadata_frame(split.select(keep), name).assign(row=keep))
+            metas.append(metadata_frame(split.select(keep), name, every_column=True).assign(row=keep))
     return np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
 
 
@@ -207,7 +262,7 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     splits = catalog_splits(spec)
     weights = sorted(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
     parts = {"model": file_sha256(weights[0]) if weights else model_id, "image_size": encoder.image_size,
-             **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
+             "records": RECORDS_VERSION, **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
     built_from = fingerprint(parts)
     store = open_store(index, index_dir, encoder.dim, built_from)
     if store.fingerprint != built_from:

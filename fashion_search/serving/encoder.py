@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from fashion_search import backbones
-from fashion_search.serving.gate import decode_square
+from fashion_search.serving.gate import MAX_BATCH, decode_square
 from fashion_search.inference import embed_images
 from fashion_search.runtime import autocast_dtype, resolve_device
-from fashion_search.serving.batching import MicroBatcher
+from fashion_search.serving.batching import MAX_PENDING, MicroBatcher
 from fashion_search.serving.errors import QueryError
 from fashion_search.files import read_json
 
@@ -86,7 +86,8 @@ class Encoder:
         self.text_search, self.text_search_why = text_tower_usable(model_path)
         self.int8_worthwhile = int8  # False: a very big catalog embeds in bf16 too (fashion_search.embed.job_embed)
         self.query_model = None  # QueryGraphs once compile_queries() ran; None = eager
-        self.batcher = MicroBatcher(self.embed_queries)
+        # room for MAX_PENDING single queries and one batch request's photos at once
+        self.batcher = MicroBatcher(self.embed_queries, max_pending=MAX_PENDING + MAX_BATCH)
 
     def embed_pixels(self, images_uint8: np.ndarray, progress=False, compiled=None) -> np.ndarray:
         """uint8 [B, 3, S, S] -> float32 [B, D], unit length (``compiled``: an accel.CompiledEmbed of self)."""
@@ -152,8 +153,16 @@ class Encoder:
     def embed(self, pixel_values):
         return backbones.clip_image_features(self.model, pixel_values)
 
-    def embed_image(self, data: bytes) -> np.ndarray:
-        return self.batcher(decode_square(data, self.image_size))  # the gate: QueryError for a refused photo
+    def decode(self, data: bytes, box=None) -> np.ndarray:
+        """A photo from outside -> uint8 [3, S, S], through the gate (QueryError for a refused photo)."""
+        return decode_square(data, self.image_size, box)
+
+    def embed_image(self, data: bytes, box=None) -> np.ndarray:
+        return self.batcher(self.decode(data, box))
+
+    def embed_many(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        """Decoded photos embedded through the micro-batcher together (one model batch, not one call each)."""
+        return self.batcher.map(pixels) if pixels else []
 
     def embed_text(self, text: str) -> np.ndarray:
         text = (text or "").strip()

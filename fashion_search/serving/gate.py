@@ -45,6 +45,8 @@ MAX_ID_BYTES = 512  # as the Milvus key field (stores.milvus_store.KEY_LENGTH)
 # UPLOAD_MEMORY together.
 UPLOAD_DEADLINE = 30.0
 UPLOAD_MEMORY = 128 << 20
+MAX_QUERY_BYTES = 16 << 20  # a JSON query (its photos in base64) or a batch of photos
+MAX_BATCH = 64  # photos in one batch request (a supplier feed is matched in such batches)
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own check stays on as a second line
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
@@ -262,33 +264,53 @@ LIMITER = DecodeLimiter()
 _REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
-def _open(header: Header, size: int) -> Image.Image:
-    """The decoded first frame, reduced to at least ``size`` on its long side (a few times at most) and upright."""
+def _open(header: Header, size: int, box=None) -> Image.Image:
+    """The decoded first frame, upright, cut to ``box`` (x0, y0, x1, y1 in the upright photo's pixels) if given, and
+    reduced (a few times at most) to at least ``size`` on the long side of what is kept."""
     with LIMITER.hold(header.memory):
         try:
             image = Image.open(io.BytesIO(header.data), formats=[header.format])
-            if header.format == "JPEG" and size:
-                image.draft("RGB", (size, size))
+            upright = (header.height, header.width) if image.getexif().get(0x0112) in (5, 6, 7, 8) else \
+                (header.width, header.height)
+            # the box's share of the photo's long side: keep enough pixels for the cut to reach ``size``
+            share = max(box[2] - box[0], box[3] - box[1]) / max(upright) if box else 1.0
+            need = int(size / min(1.0, max(share, 1e-3))) if size else 0
+            if header.format == "JPEG" and need:
+                image.draft("RGB", (need, need))
             image.load()
-            factor = max(image.size) // (2 * size) if size else 1
+            factor = max(image.size) // (2 * need) if need else 1
             if factor >= 2:  # box-filter down to between 2x and 4x the target while the copy is still small
                 if image.mode in ("1", "P", "I;16", "I;16B", "I;16L", "I;16N"):  # modes reduce() does not take
                     image = image.resize((-(-image.width // factor), -(-image.height // factor)),
                                          Image.Resampling.BOX)
                 else:
                     image = image.reduce(factor)
-            return ImageOps.exif_transpose(image)
-        except Busy:
+            image = ImageOps.exif_transpose(image)
+            if box:
+                image = crop(image, box, upright)
+            return image
+        except (Busy, QueryError):
             raise
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types (KeyError, AttributeError, ...) on bad files
             detail = _REPR.sub("the file", str(exc))[:160]
             raise refused(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__) from None
 
 
-def decode_square(data: bytes, size: int) -> np.ndarray:
-    """A photo from outside -> uint8 [3, size, size], through every check above. QueryError (a ValueError) with a
-    readable message for anything refused or undecodable."""
-    return square_uint8(to_rgb(_open(inspect(data, size), size)), size)
+def crop(image: Image.Image, box, upright: tuple[int, int]) -> Image.Image:
+    """``box`` in the upright photo's pixels, on ``image`` (the photo, maybe reduced), clipped to the photo."""
+    x0, y0, x1, y1 = (min(v, limit) for v, limit in zip(box, upright * 2))
+    if x1 <= x0 or y1 <= y0:
+        raise QueryError(f"the box lies outside the photo ({upright[0]}x{upright[1]} pixels)")
+    sx, sy = image.width / upright[0], image.height / upright[1]
+    return image.crop((int(x0 * sx), int(y0 * sy), max(int(x0 * sx) + 1, round(x1 * sx)),
+                       max(int(y0 * sy) + 1, round(y1 * sy))))
+
+
+def decode_square(data: bytes, size: int, box=None) -> np.ndarray:
+    """A photo from outside -> uint8 [3, size, size], through every check above (``box``: only that part of it).
+    QueryError (a ValueError) with a readable message for anything refused or undecodable."""
+    header = inspect(data, 0 if box else size)  # with a box, draft mode keeps more: count the memory at full size
+    return square_uint8(to_rgb(_open(header, size, box)), size)
 
 
 def open_rgb(data: bytes, max_side: int = 0) -> Image.Image:
@@ -366,3 +388,33 @@ async def read_body(request, max_bytes: int, deadline: float | None = None, budg
     if not data:
         raise QueryError("send the image file as the request body")
     return bytes(data)
+
+
+async def read_photos(request, max_photos: int, max_photo_bytes: int) -> list[bytes]:
+    """The photos of a multipart/form-data body (every file part, in order), read whole through ``read_body``
+    (within MAX_QUERY_BYTES, its deadline and the upload budget) before any part is parsed."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise QueryError("send the photos as multipart/form-data, one file part each")
+    body = await read_body(request, MAX_QUERY_BYTES)
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=max_photos, max_fields=max_photos).parse()
+    except MultiPartException as exc:
+        raise QueryError(f"the multipart body cannot be read ({exc.message}); at most {max_photos} photos") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        raise QueryError("send at least one photo as a file part")
+    photos = []
+    for upload in files:
+        data = await upload.read(max_photo_bytes + 1)
+        await upload.close()
+        if len(data) > max_photo_bytes:
+            raise TooLarge(f"a photo is over {max_photo_bytes // 2**20} MB")
+        photos.append(data)
+    return photos

@@ -7,75 +7,162 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from fashion_search import calibration
-from fashion_search.serving.catalog import Catalog
+from fashion_search.serving.catalog import TOP_K, Catalog
 from fashion_search.serving.encoder import Encoder
 from fashion_search.serving.errors import QueryError
 from fashion_search.serving.fetch import fetch_url
 from fashion_search.serving.gate import open_rgb
+from fashion_search.serving.query import Part, Query
 
 # A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
 MIN_CONFIDENCE = 0.5
 GALLERY_SIDE = 256  # catalog photos are shown at most about this size (the gallery's tiles are smaller)
 
 
+def read_upload(path) -> bytes:
+    if not path:
+        raise QueryError("upload a photo first")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise QueryError(f"cannot read the upload ({exc.strerror})") from None
+
+
 class SearchService:
     """Everything the page and the API do, without Gradio: each query returns the top results as records."""
 
     def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False,
-                 calibration: dict | None = None, min_confidence: float = MIN_CONFIDENCE):
+                 calibration: dict | None = None, min_confidence: float = MIN_CONFIDENCE, combiner=None):
         self.encoder, self.catalog, self.model_name = encoder, catalog, model_name
+        self.combiner = combiner  # fashion_search.combiner.Combiner, for "this photo + words"
         self.allow_private_urls = allow_private_urls
         self.calibration, self.min_confidence = calibration, min_confidence
         self._photos = tempfile.TemporaryDirectory(prefix="fashion-search-photos-")  # removed with the service
 
     @property
     def filter_columns(self) -> list[str]:
-        """The filters this catalog offers, in the order the page and the Gradio API take their values."""
+        """Every column this catalog can be filtered by (the JSON API's filters)."""
         return self.catalog.filter_columns
 
-    def filters(self, *values):
-        return dict(zip(self.filter_columns, values))
+    @property
+    def page_columns(self) -> list[str]:
+        """The page's filters, in the order the page and the Gradio API take their values."""
+        return self.catalog.page_columns
 
-    def search(self, vector, *filters) -> list[dict]:
-        """The top results for an embedding, each with its match confidence where the run is calibrated:
-        ``confidence`` (how likely it shares the query's article type) and ``close_match`` (confidence at least
-        min_confidence)."""
-        results = self.catalog.search(vector, self.filters(*filters))
-        if self.calibration is not None and results:
-            for record, value in zip(results, calibration.confidence(self.calibration, [r["score"] for r in results])):
+    def filters(self, *values):
+        return dict(zip(self.page_columns, values))
+
+    def search(self, vector, *filters, kind="photo", offset=0) -> list[dict]:
+        """Five results for an embedding and the page's filters (positional), from ``offset``."""
+        return self.rank(vector, self.filters(*filters), offset=offset, kind=kind)
+
+    def rank(self, vector, filters: dict | None = None, k=TOP_K, offset=0, kind="photo", collapse=False
+             ) -> list[dict]:
+        """Results offset to offset + k for an embedding, each with its match confidence where the run is calibrated
+        for this kind of query (photo, text, composed): ``confidence`` (how likely it shares the query's article
+        type) and ``close_match`` (confidence at least min_confidence). With ``collapse``, near-duplicates of a
+        result are folded into it (``duplicates``: their ids)."""
+        results = self.catalog.search(vector, filters, k, offset, collapse)
+        fitted = calibration.for_kind(self.calibration, kind)
+        if fitted is not None and results:
+            for record, value in zip(results, calibration.confidence(fitted, [r["score"] for r in results])):
                 record["confidence"] = round(float(value), 3)
                 record["close_match"] = bool(value >= self.min_confidence)
         return results
 
     def close_match(self, results) -> bool | None:
         """Whether any result is a close match; None where the run has no calibration to tell."""
-        if self.calibration is None or not results:
+        if not results or "close_match" not in results[0]:
             return None
         return any(record["close_match"] for record in results)
 
-    def search_image_bytes(self, data: bytes, *filters):
-        return self.search(self.encoder.embed_image(data), *filters)
+    def search_image_bytes(self, data: bytes, *filters, offset=0):
+        return self.search(self.encoder.embed_image(data), *filters, offset=offset)
+
+    def run(self, query: Query) -> list[dict]:
+        """A query of weighted parts: the weighted sum of their unit embeddings, made unit again; or, for one photo
+        (URL, item) and one text part of positive weight where the run has a combiner, the combiner's output."""
+        vectors = self.part_vectors(query.parts, query.box)
+        kinds = [part.kind for part in query.parts]
+        if self.combiner is not None and len(kinds) == 2 and kinds[1] == "text" and kinds[0] != "text" and \
+                query.parts[1].weight > 0:
+            from fashion_search.combiner import combine
+
+            return self.rank(combine(self.combiner, vectors[0], vectors[1]), query.filters, query.k, query.offset,
+                             query.kind, query.collapse)
+        total = sum(part.weight * vector for part, vector in zip(query.parts, vectors))
+        norm = float(np.linalg.norm(total))
+        if norm < 1e-6:
+            raise QueryError("the query's parts cancel each other out: nothing is left to search by")
+        return self.rank(total / norm, query.filters, query.k, query.offset, query.kind, query.collapse)
+
+    def part_vectors(self, parts, box=None) -> list[np.ndarray]:
+        vectors = []
+        for part in parts:
+            if part.kind == "photo":
+                vectors.append(self.encoder.embed_image(part.value, box))
+            elif part.kind == "url":
+                vectors.append(self.encoder.embed_image(fetch_url(part.value, self.allow_private_urls), box))
+            elif part.kind == "item":
+                vectors.append(self.catalog.vector(part.value))
+            else:
+                if not self.encoder.text_search:
+                    raise QueryError(self.encoder.text_search_why)
+                vectors.append(self.encoder.embed_text(part.value))
+        return vectors
+
+    def search_batch(self, photos: list[bytes], filters: dict | None = None, k=TOP_K) -> list[dict]:
+        """One result list per photo, in order; a photo the gate refuses gets its error in place of results. The
+        photos go to the micro-batcher together, so a batch costs about one model batch."""
+        pixels, answers = [], []
+        for data in photos:
+            try:
+                pixels.append(self.encoder.decode(data))
+                answers.append(None)
+            except QueryError as exc:
+                answers.append({"error": str(exc)})
+        vectors = iter(self.encoder.embed_many(pixels))
+        filters = self.catalog.check_filters(filters or {})
+        return [answer or {"results": self.rank(next(vectors), filters, k)} for answer in answers]
 
     def search_image_file(self, path, *filters):
-        if not path:
-            raise QueryError("upload a photo first")
+        return self.search_image_bytes(read_upload(path), *filters)
+
+    def search_photo(self, path, words="", weight=0.5, *filters, offset=0):
+        """The page's photo tab: the photo, refined with words at a weight (negative: away from them)."""
+        parts = [Part("photo", read_upload(path))]
+        if (words or "").strip():
+            parts.append(Part("text", words.strip(), float(weight)))
+        return self.run(Query(tuple(parts), self.filters(*filters), offset=offset))
+
+    def search_json(self, text: str):
+        """The Gradio API's /search: a query as the JSON route takes it, as text."""
+        import json
+
+        from fashion_search.serving.gate import MAX_QUERY_BYTES
+        from fashion_search.serving.query import from_json
+
+        if len(text or "") > MAX_QUERY_BYTES:
+            raise QueryError(f"the query is over {MAX_QUERY_BYTES // 2**20} MB")
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise QueryError(f"cannot read the upload ({exc.strerror})") from None
-        return self.search_image_bytes(data, *filters)
+            body = json.loads(text or "")
+        except ValueError:
+            raise QueryError("the query is JSON: {\"parts\": [...], \"filters\": {...}, \"k\": 5, \"offset\": 0}") from None
+        return self.run(from_json(body, MAX_QUERY_BYTES))
 
-    def search_url(self, url, *filters):
-        return self.search_image_bytes(fetch_url(url, self.allow_private_urls), *filters)
+    def search_url(self, url, *filters, offset=0):
+        return self.search_image_bytes(fetch_url(url, self.allow_private_urls), *filters, offset=offset)
 
-    def search_text(self, text, *filters):
+    def search_text(self, text, *filters, offset=0):
         if not self.encoder.text_search:
             raise QueryError(self.encoder.text_search_why)
-        return self.search(self.encoder.embed_text(text), *filters)
+        return self.search(self.encoder.embed_text(text), *filters, kind="text", offset=offset)
 
-    def search_item(self, item_id, *filters):
-        return self.search(self.catalog.vector(item_id), *filters)
+    def search_item(self, item_id, *filters, offset=0):
+        return self.search(self.catalog.vector(item_id), *filters, offset=offset)
 
     def gallery(self, results):
         """(photo file, short caption) per result; describe() gives each result's details in full."""

@@ -6,7 +6,10 @@ two backends behind it, chosen by a spec string (app.py and catalog.py ``--index
 - ``milvus://HOST:PORT/COLLECTION``: a Milvus server or cluster (sharding, replicas, HNSW or DiskANN indexes).
 
 Items are keyed by a string (``key``: the item id as text). Each carries a payload: the record a search returns
-(any JSON-able values) and the filter columns as text, which the backend filters on inside its search.
+(any JSON-able values) and its filter columns as text, which the backend filters on inside its search: every field
+of the record but those in NOT_FILTERS (the hub data's gender, masterCategory, subCategory, articleType, baseColour,
+season, usage, year; a user's catalog's own columns). A filter is a Match per column: one or several values, or
+every value but those.
 """
 from __future__ import annotations
 
@@ -18,8 +21,27 @@ import numpy as np
 
 from fashion_search.errors import UserError
 
-# The payload columns a search can filter on (exact match), stored as text by every backend.
+# The filter columns of the page, in its order; the Milvus backend keeps them as indexed scalar fields.
 FILTER_COLUMNS = ("gender", "masterCategory", "articleType", "baseColour")
+# Record fields that are not filters: identities, free text, where the photo is.
+NOT_FILTERS = ("id", "productDisplayName", "photo", "split", "row", "score")
+# A search looks this deep into the ranking whatever page it returns, so that pages of one query never overlap or
+# skip (an HNSW search of another breadth may rank differently); offset + k stays within it.
+SEARCH_DEPTH = 500
+
+
+@dataclass(frozen=True)
+class Match:
+    """A filter on one column: items whose value is one of ``values`` (or, with ``exclude``, none of them)."""
+    values: tuple[str, ...]
+    exclude: bool = False
+
+    def mask(self, column: np.ndarray) -> np.ndarray:
+        return np.isin(column, np.asarray(self.values, dtype=object)) != self.exclude
+
+
+def as_match(value) -> Match:
+    return value if isinstance(value, Match) else Match((str(value),))
 
 
 @dataclass(frozen=True)
@@ -27,6 +49,7 @@ class Hit:
     key: str
     score: float
     record: dict
+    vector: np.ndarray | None = None  # with search(..., vectors=True)
 
 
 class VectorStore(Protocol):
@@ -42,16 +65,21 @@ class VectorStore(Protocol):
     def delete(self, keys: Sequence[str]) -> int:
         """Remove items by key (unknown keys are ignored); returns how many were removed."""
 
-    def search(self, vector: np.ndarray, k: int, filters: dict[str, str] | None = None) -> list[Hit]:
-        """The k best items by inner product among those whose filter columns equal every given value."""
+    def search(self, vector: np.ndarray, k: int, filters: dict[str, Match] | None = None, offset: int = 0,
+               vectors: bool = False) -> list[Hit]:
+        """Items offset to offset + k by inner product among those every filter matches, from a ranking
+        SEARCH_DEPTH deep (consistent across pages); with ``vectors``, each hit carries its vector."""
 
     def count(self) -> int: ...
 
     def fetch(self, key: str) -> tuple[np.ndarray, dict] | None:
         """An item's vector and record, or None."""
 
-    def values(self, column: str) -> list[str]:
-        """The distinct values of a filter column, sorted."""
+    def items(self) -> tuple[list[str], np.ndarray]:
+        """Every item's key and vector (float32 [N, dim])."""
+
+    def values(self) -> dict[str, list[str]]:
+        """Each filter column's distinct values, sorted ('' left out)."""
 
     def refresh(self) -> bool:
         """Pick up writes made by another process; True when something changed."""
@@ -59,9 +87,23 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
+def as_text(value) -> str:
+    """A filter value as the text the backends store and compare: '' for none, 2012 for 2012.0."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
 def filter_values(record: dict) -> dict[str, str]:
-    """A record's filter columns as the text the backends store ('' where the record lacks one)."""
-    return {column: "" if record.get(column) is None else str(record[column]) for column in FILTER_COLUMNS}
+    """A record's filter columns as text: the page's columns always ('' where the record lacks one), then every
+    other field with a plain value."""
+    values = {column: as_text(record.get(column)) for column in FILTER_COLUMNS}
+    values.update({column: as_text(value) for column, value in record.items()
+                   if column not in NOT_FILTERS and column not in values and isinstance(value, (str, int, float))
+                   and not isinstance(value, bool)})
+    return values
 
 
 def open_store(spec: str, folder: Path, dim: int, fingerprint: str, create: bool = True) -> VectorStore:

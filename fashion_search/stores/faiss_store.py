@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from fashion_search.files import atomic_write_json, read_json
-from fashion_search.stores import FILTER_COLUMNS, Hit, filter_values
+from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Hit, as_match, filter_values
 
 # Index type by catalog size (benchmarks/search.py; BENCHMARKS.md, section 2): exact search grows linearly with the
 # catalog while HNSW stays well under a millisecond, and efSearch 64 keeps recall@5 near 1 up to 200k items (128
@@ -74,6 +74,14 @@ def build_index(embeddings: np.ndarray):
     return tune(index)
 
 
+def _search(index, query, k, params):
+    """(scores [k], positions [k]) of one query. (faiss.contrib.torch_utils, which some libraries import, replaces
+    search with a version without params; the numpy original stays as search_numpy.)"""
+    search = getattr(index, "search_numpy", index.search)
+    scores, positions = search(query, k, params=params) if params is not None else search(query, k)
+    return scores[0], positions[0]
+
+
 def tune(index):
     if hasattr(index, "hnsw"):
         index.hnsw.efSearch = hnsw_ef_search(index.ntotal)  # a search-time setting: set again after every load
@@ -107,7 +115,7 @@ class State:
 
         return cls(version, fingerprint, faiss.IndexFlatIP(dim), np.array([], dtype=object),
                    np.array([], dtype=bool), np.array([], dtype=object),
-                   {c: np.array([], dtype=object) for c in FILTER_COLUMNS})
+                   {c: np.array([], dtype=object) for c in FILTER_COLUMNS})  # more columns as items bring them
 
     @property
     def dead(self) -> int:
@@ -127,8 +135,11 @@ class State:
         self.records = np.concatenate([self.records, np.asarray([json.dumps(r, default=str) for r in records],
                                                                  dtype=object)])
         rows = [filter_values(r) for r in records]
-        self.filters = {c: np.concatenate([self.filters[c], np.asarray([row[c] for row in rows], dtype=object)])
-                        for c in FILTER_COLUMNS}
+        columns = list(dict.fromkeys([*self.filters, *(c for row in rows for c in row)]))
+        before = len(self.keys) - len(keys)
+        self.filters = {c: np.concatenate([self.filters.get(c, np.full(before, "", dtype=object)),
+                                           np.asarray([row.get(c, "") for row in rows], dtype=object)])
+                        for c in columns}
 
     def compacted(self):
         """The live items only, in a freshly built index of the kind their number calls for."""
@@ -170,39 +181,38 @@ class FaissStore:
 
     # reads ---------------------------------------------------------------------------------------------------------
 
-    def search(self, vector, k, filters=None) -> list[Hit]:
+    def search(self, vector, k, filters=None, offset=0, vectors=False) -> list[Hit]:
         import faiss
 
         state = self._state  # one version for the whole query, whatever a refresh does meanwhile
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         mask = state.live if state.dead else None  # tombstones are never returned
-        for column, value in (filters or {}).items():
-            matches = state.filters[column] == value
+        for column, match in (filters or {}).items():
+            column_values = state.filters.get(column, np.full(len(state.keys), "", dtype=object))
+            matches = as_match(match).mask(column_values)
             mask = matches if mask is None else mask & matches
-        k = min(k, len(state.keys))
-        if k <= 0:  # an empty catalog
+        depth = min(offset + k, len(state.keys))
+        if k <= 0 or depth <= offset:  # an empty catalog, or a page past its end
             return []
         graph = hasattr(state.index, "hnsw")
+        # One breadth for every page: a graph search of another breadth may rank differently
+        breadth = faiss.SearchParametersHNSW(efSearch=max(state.index.hnsw.efSearch, SEARCH_DEPTH)) if graph else None
         if mask is None:
-            scores, positions = state.index.search(query, k)
-            scores, positions = scores[0], positions[0]
+            scores, positions = _search(state.index, query, depth, breadth)
         elif graph and (not filters or mask.sum() > EXACT_FILTERED_UP_TO):
             # tombstones only, or many matching items: the graph search skips the others as it goes
             bitmap = np.packbits(mask, bitorder="little")
             params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap)),
-                                                efSearch=state.index.hnsw.efSearch)
-            # (faiss.contrib.torch_utils, which some libraries import, replaces search with a version without
-            # params; the numpy original stays as search_numpy)
-            search = getattr(state.index, "search_numpy", state.index.search)
-            scores, positions = search(query, k, params=params)
-            scores, positions = scores[0], positions[0]
+                                                efSearch=breadth.efSearch)
+            scores, positions = _search(state.index, query, depth, params)
         else:  # a selective filter (or an exact index): rank the matching items exactly
             candidates = np.flatnonzero(mask)
             similarity = stored_vectors(state.index)[candidates] @ query[0]
-            top = np.argsort(-similarity, kind="stable")[:k]
+            top = np.argsort(-similarity, kind="stable")[:depth]
             scores, positions = similarity[top], candidates[top]
-        return [Hit(state.keys[p], float(s), json.loads(state.records[p])) for s, p in zip(scores, positions)
-                if p >= 0]
+        stored = stored_vectors(state.index) if vectors else None
+        return [Hit(state.keys[p], float(s), json.loads(state.records[p]), None if stored is None else stored[p].copy())
+                for s, p in zip(scores[offset:], positions[offset:]) if p >= 0]
 
     def fetch(self, key):
         state, position = self._state, self._position.get(key)
@@ -210,14 +220,19 @@ class FaissStore:
             return None
         return stored_vectors(state.index)[position].copy(), json.loads(state.records[position])
 
+    def items(self) -> tuple[list[str], np.ndarray]:
+        """Every live item's key and vector (float32 [N, dim]), in index order."""
+        state = self._state
+        return [str(key) for key in state.keys[state.live]], stored_vectors(state.index)[state.live].copy()
+
     def keys(self) -> list[str]:
         """Every item's key, in index order."""
         state = self._state
         return [str(key) for key in state.keys[state.live]]
 
-    def values(self, column) -> list[str]:
+    def values(self) -> dict[str, list[str]]:
         state = self._state
-        return sorted(set(state.filters[column][state.live]) - {""})
+        return {column: sorted(set(values[state.live]) - {""}) for column, values in state.filters.items()}
 
     def refresh(self) -> bool:
         """Load the version CURRENT names, if another process wrote one since (a stat per call). One thread loads
@@ -410,6 +425,6 @@ def load_version(path: Path, dim: int) -> State | None:
             return None
         return State(int(info["version"]), info["fingerprint"], index, items["key"].to_numpy(object),
                      items["live"].to_numpy(bool), items["record"].to_numpy(object),
-                     {c: items[c].to_numpy(object) for c in FILTER_COLUMNS})
+                     {c: items[c].to_numpy(object) for c in items.columns if c not in ("key", "live", "record")})
     except (OSError, ValueError, RuntimeError, KeyError, TypeError):
         return None

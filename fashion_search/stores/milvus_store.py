@@ -22,9 +22,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from fashion_search.errors import UserError
-from fashion_search.stores import FILTER_COLUMNS, Hit, chunks, filter_values
+from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Hit, as_match, chunks, filter_values
 
 DEFAULT_COLLECTION = "fashion_catalog"
+FILTERS_KEY = "_filters"  # inside each stored record: its filter columns beyond the scalar fields, as text
 FINGERPRINT_PROPERTY = "fashion_search.fingerprint"  # set once the base catalog is completely written
 KEY_LENGTH, TEXT_LENGTH = 512, 1024
 WRITE_BATCH = 1_000
@@ -32,6 +33,11 @@ HNSW_PARAMS = {"M": 32, "efConstruction": 64}  # as the FAISS default (stores.fa
 SEARCH_EF = 64
 INDEXES = ("FLAT", "HNSW", "DISKANN")
 CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
+
+
+def public(record: dict) -> dict:
+    """A stored record as the caller gave it."""
+    return {key: value for key, value in record.items() if key != FILTERS_KEY}
 
 
 def parse_spec(spec: str) -> dict:
@@ -65,7 +71,19 @@ def string_literal(value) -> str:
 
 
 def filter_expression(filters: dict | None) -> str:
-    return " and ".join(f"{column} == {string_literal(value)}" for column, value in (filters or {}).items())
+    """Each Match as an expression: ``column in [...]`` (or ``not in``) for the page's columns, which are scalar
+    fields; for any other column, comparisons with a path into the record's JSON, whose filter values are text."""
+    terms = []
+    for column, match in (filters or {}).items():
+        match = as_match(match)
+        if column in FILTER_COLUMNS:
+            values = ", ".join(string_literal(value) for value in match.values)
+            terms.append(f"{column} {'not in' if match.exclude else 'in'} [{values}]")
+        else:  # Milvus Lite takes no `in` on a JSON path: one comparison per value
+            field = f"record[{string_literal(FILTERS_KEY)}][{string_literal(column)}]"
+            any_of = " or ".join(f"{field} == {string_literal(value)}" for value in match.values)
+            terms.append(f"not ({any_of})" if match.exclude else f"({any_of})")
+    return " and ".join(terms)
 
 
 def keys_expression(keys) -> str:
@@ -131,9 +149,9 @@ class MilvusStore:
         vectors = np.asarray(vectors, dtype=np.float32)
         keys, records = list(keys), list(records)
         for part in chunks(len(keys), WRITE_BATCH):
-            rows = [{"key": key, "vector": vector.tolist(), "record": json.loads(json.dumps(record, default=str)),
-                     **filter_values(record)} for key, vector, record in zip(keys[part], vectors[part],
-                                                                             records[part])]
+            rows = [{"key": key, "vector": vector.tolist(), "record": self._record(record),
+                     **{c: v for c, v in filter_values(record).items() if c in FILTER_COLUMNS}}
+                    for key, vector, record in zip(keys[part], vectors[part], records[part])]
             self.client.upsert(self.collection, rows)
 
     def delete(self, keys) -> int:
@@ -152,14 +170,25 @@ class MilvusStore:
 
     # reads -------------------------------------------------------------------------------------------------------
 
-    def search(self, vector, k, filters=None) -> list[Hit]:
+    @staticmethod
+    def _record(record: dict) -> dict:
+        """The record as stored: its JSON values (types kept: an id may be a number), and under FILTERS_KEY every
+        filter column as the text filters compare (2012 for a year of 2012.0)."""
+        plain = json.loads(json.dumps(record, default=str))
+        return {**plain, FILTERS_KEY: {c: v for c, v in filter_values(record).items() if c not in FILTER_COLUMNS}}
+
+    def search(self, vector, k, filters=None, offset=0, vectors=False) -> list[Hit]:
+        if k <= 0:
+            return []
         found = self.client.search(
-            self.collection, [np.asarray(vector, dtype=np.float32).tolist()], limit=k,
-            filter=filter_expression(filters), output_fields=["record"],
-            search_params={"metric_type": "IP", "params": {"ef": max(SEARCH_EF, k)}},
+            self.collection, [np.asarray(vector, dtype=np.float32).tolist()], limit=k, offset=offset,
+            filter=filter_expression(filters), output_fields=["record", "vector"] if vectors else ["record"],
+            # one breadth for every page (pages of one query never overlap or skip)
+            search_params={"metric_type": "IP", "params": {"ef": max(SEARCH_EF, SEARCH_DEPTH)}},
             consistency_level=self.target["consistency"])
         # hit.id: the primary key, which servers return as "id" and Milvus Lite under its field name
-        return [Hit(hit.id, float(hit["distance"]), hit["entity"]["record"]) for hit in found[0]]
+        return [Hit(hit.id, float(hit["distance"]), public(hit["entity"]["record"]),
+                    np.asarray(hit["entity"]["vector"], dtype=np.float32) if vectors else None) for hit in found[0]]
 
     def count(self) -> int:
         rows = self.client.query(self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
@@ -170,19 +199,34 @@ class MilvusStore:
                 if row["key"] == key]
         if not rows:
             return None
-        return np.asarray(rows[0]["vector"], dtype=np.float32), rows[0]["record"]
+        return np.asarray(rows[0]["vector"], dtype=np.float32), public(rows[0]["record"])
 
-    def values(self, column) -> list[str]:
-        """Read through the whole collection once (the page's dropdowns, at start)."""
-        seen = set()
+    def values(self) -> dict[str, list[str]]:
+        """Read through the whole collection once (the filters' choices, at start)."""
+        seen: dict[str, set] = {column: set() for column in FILTER_COLUMNS}
         iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="",
-                                              output_fields=[column])
+                                              output_fields=["record"])
         try:
             while batch := iterator.next():
-                seen.update(row[column] for row in batch)
+                for row in batch:
+                    for column, value in filter_values(public(row["record"])).items():
+                        seen.setdefault(column, set()).add(value)
         finally:
             iterator.close()
-        return sorted(seen - {""})
+        return {column: sorted(values - {""}) for column, values in seen.items()}
+
+    def items(self) -> tuple[list[str], np.ndarray]:
+        """Every item's key and vector (float32 [N, dim]), read through the whole collection."""
+        keys, vectors = [], []
+        iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="",
+                                              output_fields=["key", "vector"])
+        try:
+            while batch := iterator.next():
+                keys += [row["key"] for row in batch]
+                vectors += [row["vector"] for row in batch]
+        finally:
+            iterator.close()
+        return keys, np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
 
     def refresh(self) -> bool:
         return False  # every search asks the server, at the store's consistency level

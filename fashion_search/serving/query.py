@@ -1,0 +1,143 @@
+"""What a search asks for: weighted parts (photos, image URLs, catalog ids, texts; negative weights subtract), filters,
+a page (k results from offset), a box of the photo to search by, and whether near-duplicates collapse. Parsed from
+the JSON route's body here, checked before any work; photos and ids then go through the gate like every other."""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass, field
+
+from fashion_search.serving.catalog import TOP_K, check_page
+from fashion_search.serving.errors import QueryError
+from fashion_search.stores import Match
+
+MAX_PARTS = 8
+MAX_WEIGHT = 10.0
+PART_KINDS = ("photo", "url", "item", "text")
+
+
+@dataclass(frozen=True)
+class Part:
+    kind: str  # one of PART_KINDS
+    value: object  # photo: bytes; url, item, text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Query:
+    parts: tuple[Part, ...]
+    filters: dict = field(default_factory=dict)  # column -> value, list of values, or Match
+    k: int = TOP_K
+    offset: int = 0
+    box: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1 in the photo's pixels (upright)
+    collapse: bool = True
+
+    @property
+    def kind(self) -> str:
+        """photo, text or composed: each has its own match-confidence calibration."""
+        kinds = {"text" if part.kind == "text" else "photo" for part in self.parts}
+        return kinds.pop() if len(kinds) == 1 and len(self.parts) == 1 else "composed"
+
+
+def parse_box(value) -> tuple[int, int, int, int] | None:
+    """x0,y0,x1,y1 (text or a list of four numbers) in the photo's pixels; None for no box."""
+    if value in (None, "", []):
+        return None
+    parts = str(value).split(",") if isinstance(value, str) else list(value) if isinstance(value, list) else None
+    try:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in parts)
+    except (TypeError, ValueError):
+        raise QueryError("box is x0,y0,x1,y1: four pixel coordinates of the photo") from None
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+        raise QueryError("box is x0,y0,x1,y1 with x0 < x1 and y0 < y1, all at least 0")
+    return x0, y0, x1, y1
+
+
+def parse_filters(value) -> dict:
+    """{"column": "Red" | ["Red", "Blue"] | {"not": "Black" or [...]}} -> column -> value or Match."""
+    if value in (None, {}):
+        return {}
+    if not isinstance(value, dict):
+        raise QueryError('filters is an object: {"column": value, [values] or {"not": value or [values]}}')
+    filters = {}
+    for column, given in value.items():
+        if isinstance(given, dict):
+            if set(given) != {"not"}:
+                raise QueryError(f'filter {str(column)[:100]!r}: an object filter is {{"not": value or [values]}}')
+            excluded = given["not"] if isinstance(given["not"], list) else [given["not"]]
+            filters[str(column)] = Match(tuple(str(v) for v in excluded), exclude=True)
+        elif isinstance(given, (str, int, float, list)) and not isinstance(given, bool):
+            filters[str(column)] = [str(v) for v in given] if isinstance(given, list) else str(given)
+        else:
+            raise QueryError(f"filter {str(column)[:100]!r}: a value, a list of values or {{\"not\": ...}}")
+    return filters
+
+
+def query_params_filters(params) -> dict:
+    """Filters of a GET route's query string: ``baseColour=Red,Blue`` (one of them), ``baseColour!=Black`` (any but
+    that one; a client sends it as the parameter ``baseColour!``)."""
+    filters = {}
+    for column, value in params.items():
+        if column.endswith("!"):
+            filters[column[:-1]] = Match(tuple(v.strip() for v in value.split(",") if v.strip()), exclude=True)
+        else:
+            filters[column] = value
+    return filters
+
+
+def whole_number(value, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise QueryError(f"{name} is a whole number") from None
+    if isinstance(value, float) and not value.is_integer():
+        raise QueryError(f"{name} is a whole number")
+    return number
+
+
+def parse_part(given, max_photo_bytes: int) -> Part:
+    if not isinstance(given, dict):
+        raise QueryError('each part is an object: {"photo": base64} or {"url": ...} or {"item": id} or {"text": ...}, '
+                         'with an optional "weight"')
+    kinds = [kind for kind in PART_KINDS if kind in given]
+    if len(kinds) != 1 or set(given) - {kinds[0], "weight"}:
+        raise QueryError(f"a part has exactly one of {', '.join(PART_KINDS)}, and optionally a weight")
+    kind, value = kinds[0], given[kinds[0]]
+    weight = given.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or \
+            abs(weight) > MAX_WEIGHT:
+        raise QueryError(f"a part's weight is a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+    if kind == "photo":
+        if not isinstance(value, str) or len(value) > (max_photo_bytes * 4) // 3 + 4:
+            raise QueryError(f"a photo part is its file's bytes in base64, at most {max_photo_bytes // 2**20} MB")
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise QueryError("a photo part is its file's bytes in base64") from None
+    elif not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise QueryError(f"a {kind} part is text")
+    return Part(kind, value if kind == "photo" else str(value), float(weight))
+
+
+def from_json(body, max_photo_bytes: int) -> Query:
+    """The JSON route's body: {"parts": [...], "filters": {...}, "k": 5, "offset": 0, "box": [x0, y0, x1, y1],
+    "collapse": true}."""
+    if not isinstance(body, dict):
+        raise QueryError('the body is a JSON object: {"parts": [...], "filters": {...}, "k": 5, "offset": 0}')
+    unknown = sorted(set(body) - {"parts", "filters", "k", "offset", "box", "collapse"})
+    if unknown:
+        raise QueryError(f"unknown field {unknown[0][:100]!r} (fields: parts, filters, k, offset, box, collapse)")
+    parts = body.get("parts")
+    if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
+        raise QueryError(f"parts is a list of 1 to {MAX_PARTS} parts")
+    query = Query(tuple(parse_part(part, max_photo_bytes) for part in parts), parse_filters(body.get("filters")),
+                  whole_number(body.get("k"), "k", TOP_K), whole_number(body.get("offset"), "offset", 0),
+                  parse_box(body.get("box")), bool(body.get("collapse", True)))
+    check_page(query.k, query.offset)
+    if query.box is not None and [p.kind for p in query.parts].count("photo") + \
+            [p.kind for p in query.parts].count("url") == 0:
+        raise QueryError("a box needs a photo or URL part to cut it from")
+    return query
