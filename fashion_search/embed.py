@@ -23,14 +23,14 @@ def worth_compiling(images: int, image_size: int) -> bool:
 
 
 @contextlib.contextmanager
-def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, int8=True):
+def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, int8=True, total=None):
     """What a batch job over ``image_sets`` (uint8 [N, 3, S, S] each) passes to embed_images as ``compiled``: None
     (eager) for a small job, a CompiledEmbed for a big one, and for a very big one on a CPU with int8 matrix units
     (unless ``int8`` is False) an int8 graph calibrated on its first batch, when it agrees with the model. Every graph
-    is dropped at exit."""
+    is dropped at exit. ``total``: the job's size where image_sets is only a sample of it (a build in chunks)."""
     from fashion_search.accel import CompiledEmbed, int8_embed_graph, worth_int8
 
-    total = sum(len(images) for images in image_sets)
+    total = sum(len(images) for images in image_sets) if total is None else total
     size = image_sets[0].shape[-1] if image_sets else 0
     if not worth_compiling(total, size):
         yield None

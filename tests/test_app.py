@@ -390,6 +390,15 @@ def test_page_in_headless_chromium(served, service, tmp_path):
             lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results-gallery img")) >= 5)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "app_search.png"))
-        assert "score" in browser.find_element(By.TAG_NAME, "body").text
+        text = browser.find_element(By.TAG_NAME, "body").text
+        # each result in full under the gallery; the raw answer (its "score" keys) only inside the closed accordion
+        assert "confidence" in text and "API answer" in text and '"score"' not in text
+        gallery = browser.find_element(By.CSS_SELECTOR, "#results-gallery")
+        photos = browser.find_elements(By.CSS_SELECTOR, "#results-gallery img")
+        lowest = max(photo.rect["y"] + photo.rect["height"] for photo in photos)
+        assert gallery.rect["y"] + gallery.rect["height"] - lowest < 80  # no band of empty space below the photos
+        browser.find_element(By.CSS_SELECTOR, "#more-results").click()
+        WebDriverWait(browser, 60).until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results-gallery img")) >= 10)
     finally:
         browser.quit()

@@ -264,3 +264,16 @@ def test_success_at_5_counts_type_and_colour_against_an_independent_count():
     queries = [(0, "Shirts", "Red"), (1, "Tshirts", "Red")]
     hit, same_type = success(indices, gallery, queries)
     assert hit == pytest.approx((3 + 5) / 10) and same_type == pytest.approx((4 + 5) / 10)
+
+
+def test_every_page_search_gives_its_next_page_for_more_results(service, tmp_path):
+    """The page's "More results" calls the search it remembers again with an offset: each one takes it."""
+    key, data = photo(service, 6)
+    path = tmp_path / "query.jpg"
+    path.write_bytes(data)
+    filters = ["Any"] * len(service.page_columns)
+    for name, first in (("search_image_file", [str(path)]), ("search_photo", [str(path), "", 0.5]),
+                        ("search_text", ["red shirt"]), ("search_item", [key])):
+        search = getattr(service, name)
+        ten = search(*first, *filters) + search(*first, *filters, offset=5)
+        assert len(ten) == 10 and len(set(ids(ten))) == 10, name

@@ -3,6 +3,7 @@ search with filters. Built from a clip.py run's own embeddings, or from any data
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from fashion_search.serving.gate import decode_square, item_id
 from fashion_search.inference import EMBED_BATCH
 from fashion_search.runs import load_split
 from fashion_search.serving import duplicates
+from fashion_search.serving.build import embed_in_chunks
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
 from fashion_search.serving.errors import QueryError
 from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Match, open_store
@@ -266,9 +268,14 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     built_from = fingerprint(parts)
     store = open_store(index, index_dir, encoder.dim, built_from)
     if store.fingerprint != built_from:
-        embeddings, meta = embed_dataset(splits, encoder, cache_dir, ray_actors)
+        chunks = Path(index_dir) / f"build-{built_from[:16]}"  # the embedded chunks, kept until the index is whole
+        if ray_actors:
+            embeddings, meta = embed_dataset(splits, encoder, cache_dir, ray_actors)
+        else:
+            embeddings, meta = embed_in_chunks(splits, encoder, chunks)
         keys, records = item_records(meta)
         store.build(built_from, keys, embeddings, records)
+        shutil.rmtree(chunks, ignore_errors=True)
     return Catalog(store, PhotoSource(splits, index_dir / "photos"))
 
 

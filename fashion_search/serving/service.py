@@ -128,8 +128,8 @@ class SearchService:
         filters = self.catalog.check_filters(filters or {})
         return [answer or {"results": self.rank(next(vectors), filters, k)} for answer in answers]
 
-    def search_image_file(self, path, *filters):
-        return self.search_image_bytes(read_upload(path), *filters)
+    def search_image_file(self, path, *filters, offset=0):
+        return self.search_image_bytes(read_upload(path), *filters, offset=offset)
 
     def search_photo(self, path, words="", weight=0.5, *filters, offset=0):
         """The page's photo tab: the photo, refined with words at a weight (negative: away from them)."""

@@ -1,0 +1,110 @@
+"""A catalog's first build from a dataset, in chunks: a thread decodes the next chunk (through the gate) while the model
+embeds this one, so that neither waits for the other; each chunk's vectors are written atomically with their
+checksum. A build killed at any point resumes at the next start from the chunks already written, and a chunk damaged
+on disk is embedded again rather than trusted, so a resumed build gives the index an uninterrupted one gives."""
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from fashion_search.data import cell_bytes, metadata_frame
+from fashion_search.embed import job_embed
+from fashion_search.files import atomic_write, atomic_write_json
+from fashion_search.inference import EMBED_BATCH
+from fashion_search.serving.gate import decode_square
+
+CHUNK = 2_048  # photos per chunk: a few seconds of work on a CPU, what a kill can lose
+
+
+def chunk_path(folder: Path, index: int) -> Path:
+    return folder / f"chunk-{index:06d}.npz"
+
+
+def read_chunk(folder: Path, index: int, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(vectors float32 [rows', D], ok bool [rows]) of a chunk written whole, or None (missing, damaged: its checksum
+    or its shape does not match)."""
+    path = chunk_path(folder, index)
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            return None
+        with np.load(path) as arrays:
+            vectors, ok = arrays["vectors"], arrays["ok"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(ok) != rows or len(vectors) != int(ok.sum()):
+        return None
+    return vectors, ok
+
+
+def write_chunk(folder: Path, index: int, vectors: np.ndarray, ok: np.ndarray):
+    path = chunk_path(folder, index)
+    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), vectors=vectors, ok=ok))
+    atomic_write_json(path.with_suffix(".json"), {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                  "rows": int(len(ok))})
+
+
+def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_chunk=None
+                    ) -> tuple[np.ndarray, pd.DataFrame]:
+    """Every decodable photo of the splits embedded with the encoder: (float32 [N, D], row metadata with split and
+    row), chunk by chunk, resuming from the chunks already in ``folder``. ``on_chunk(done, total)`` after each."""
+    from datasets import Image as ImageFeature
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {name: split.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+           for name, split in splits.items()}
+    places = [(name, row) for name, split in splits.items() for row in range(len(split))]
+    chunks = [places[start:start + chunk] for start in range(0, len(places), chunk)]
+
+    def decode(part):  # uint8 [n, 3, S, S] of the decodable photos, and which ones they are
+        images, ok = [], np.zeros(len(part), dtype=bool)
+        for i, (name, row) in enumerate(part):
+            try:
+                images.append(decode_square(cell_bytes(raw[name][row]["image"]), encoder.image_size))
+                ok[i] = True
+            except (ValueError, OSError):  # refused or undecodable: left out of the catalog
+                pass
+        size = encoder.image_size
+        return (np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)), ok
+
+    found = {i: read_chunk(folder, i, len(part)) for i, part in enumerate(chunks)}
+    todo = [i for i, value in found.items() if value is None]
+    if todo and len(todo) < len(chunks):
+        print(f"resuming the catalog build: {len(chunks) - len(todo)} of {len(chunks)} chunks already embedded")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = pool.submit(decode, chunks[todo[0]]) if todo else None
+        # The job's graph (compiled, or int8 on a CPU with int8 units) is chosen for the whole catalog and calibrated
+        # on its first chunk, whatever is left to embed: a resumed build computes what an uninterrupted one does.
+        sample = [decode(chunks[0])[0]] if todo else []
+        with job_embed(encoder, sample, encoder.device, encoder.dtype, EMBED_BATCH, total=len(places)) as compiled:
+            bar = tqdm(total=len(places), desc="embed catalog", unit="photo", disable=None)
+            bar.update(sum(len(chunks[i]) for i in found if found[i] is not None))
+            decoded = pending.result() if pending else None
+            for position, index in enumerate(todo):
+                following = pool.submit(decode, chunks[todo[position + 1]]) if position + 1 < len(todo) else None
+                images, ok = decoded
+                vectors = encoder.embed_pixels(images, compiled=compiled) if len(images) else \
+                    np.zeros((0, encoder.dim), np.float32)
+                write_chunk(folder, index, vectors.astype(np.float32), ok)
+                found[index] = (vectors, ok)
+                bar.update(len(ok))
+                if on_chunk:
+                    on_chunk(position + 1, len(todo))
+                decoded = following.result() if following else None
+            bar.close()
+    vectors = np.concatenate([found[i][0] for i in range(len(chunks))]) if chunks else np.zeros((0, encoder.dim))
+    ok = np.concatenate([found[i][1] for i in range(len(chunks))]) if chunks else np.zeros(0, bool)
+    metas, start = [], 0
+    for name, split in splits.items():
+        keep = np.flatnonzero(ok[start:start + len(split)])
+        metas.append(metadata_frame(split.select(keep), name, every_column=True).assign(row=keep))
+        start += len(split)
+    return vectors.astype(np.float32), pd.concat(metas, ignore_index=True)

@@ -1,0 +1,73 @@
+"""A catalog's first build in chunks: killed with SIGKILL at 80 %, it resumes from the chunks on disk and gives what an
+uninterrupted build gives; a chunk damaged on disk is embedded again rather than trusted."""
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import child_env
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def encoder(trained_runs):
+    from fashion_search.serving.encoder import Encoder
+
+    return Encoder(str(trained_runs["clip"] / "hf_model"), "cpu", int8=False)
+
+
+def build(hub_dataset, encoder, folder):
+    from fashion_search.data import catalog_splits
+    from fashion_search.serving.build import embed_in_chunks
+
+    embedded = []
+    vectors, meta = embed_in_chunks(catalog_splits(str(hub_dataset)), encoder, folder, CHUNK,
+                                    on_chunk=lambda done, total: embedded.append(done))
+    return vectors, meta, len(embedded)
+
+
+def test_a_build_killed_at_80_percent_resumes_and_gives_the_uninterrupted_index(hub_dataset, encoder, trained_runs,
+                                                                              tmp_path):
+    whole, whole_meta, chunks = build(hub_dataset, encoder, tmp_path / "whole")
+    assert chunks == 5 and len(whole) == len(whole_meta) == 69  # 70 rows, one undecodable
+    folder = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from fashion_search.data import catalog_splits
+        from fashion_search.serving.build import embed_in_chunks
+        from fashion_search.serving.encoder import Encoder
+
+        def kill_at_80(done, total):
+            if done == 4:  # 4 of 5 chunks written
+                os.kill(os.getpid(), signal.SIGKILL)
+        encoder = Encoder({str(trained_runs["clip"] / "hf_model")!r}, "cpu", int8=False)
+        embed_in_chunks(catalog_splits({str(hub_dataset)!r}), encoder, {str(folder)!r}, {CHUNK}, kill_at_80)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list(folder.glob("chunk-*.npz"))) == 4
+    resumed, resumed_meta, embedded = build(hub_dataset, encoder, folder)
+    assert embedded == 1  # only the chunk the kill lost
+    np.testing.assert_array_equal(resumed, whole)
+    assert resumed_meta.equals(whole_meta)
+
+
+def test_a_damaged_chunk_is_embedded_again(hub_dataset, encoder, tmp_path):
+    folder = tmp_path / "build"
+    whole, _, _ = build(hub_dataset, encoder, folder)
+    damaged = folder / "chunk-000002.npz"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    again, _, embedded = build(hub_dataset, encoder, folder)
+    assert embedded == 1
+    np.testing.assert_array_equal(again, whole)
+    _, _, none = build(hub_dataset, encoder, folder)
+    assert none == 0  # everything on disk is whole now
