@@ -8,6 +8,10 @@
 # Not yet run: no session that wrote it was lent a machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu.sh: no NVIDIA GPU here (nvidia-smi finds none): nothing to measure" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 benchmarks/embed_throughput.py --device cuda --images 2048 --naive-images 128 --batch-size 256 \
   | tee "${OUT:-/tmp}/embed_cuda.md"

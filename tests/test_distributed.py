@@ -70,3 +70,14 @@ def test_weights_the_loss_never_uses_do_not_stop_data_parallel_training(processe
     out = torchrun("clip.py", tiny_args(processed, run, cache_dir, "--max-steps", "2", "--epochs", "1",
                                         "--text-loss-weight", "0"))
     assert "data-parallel training on 2 processes" in out and (run / "metrics.json").exists()
+
+
+def test_the_gpu_script_says_in_one_line_that_there_is_no_gpu():
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi: the script would measure")
+    done = subprocess.run(["bash", str(REPO_DIR / "benchmarks" / "gpu.sh")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["gpu.sh: no NVIDIA GPU here (nvidia-smi finds none): nothing to measure"]
