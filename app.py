@@ -16,11 +16,10 @@ from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.runtime import device_arg, positive_int
 from fashion_search.serving import batching, gate
-from fashion_search.serving.catalog import (ANY, TOP_K, calibration_photos, catalog_from_dataset, catalog_from_run,
-                                            check_page)
+from fashion_search.serving.catalog import ANY, calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
 from fashion_search.serving.errors import Busy, QueryError
-from fashion_search.serving.query import Part, Query, from_json, parse_box, query_params_filters, whole_number
+from fashion_search.serving.query import Query, from_params, from_text, with_photo
 from fashion_search.serving.service import MIN_CONFIDENCE, SearchService
 
 MAX_PENDING = batching.MAX_PENDING  # per route family, as the batcher's own bound
@@ -285,13 +284,10 @@ def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
     Answer: {"results": [records, best first]} ({"answers": [...]} for a batch), or {"error": message} with status
     400 (408 for an upload slower than the gate's deadline, 413 for too large, 503 with Retry-After when MAX_PENDING
     requests are already in progress, 500 when the model failed)."""
-    import json
-
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
     pending = [0]  # requests in progress on these routes, uploads included (one event loop: no lock needed)
-    page_params = {"k", "offset", "box", "collapse"}
 
     def error(exc: QueryError):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 503 else None
@@ -318,47 +314,28 @@ def add_json_api(fastapi_app, service: SearchService, max_upload_bytes: int):
                 pending[0] -= 1
         return handle
 
-    def from_params(request, part_kind: str | None, value=None) -> Query:
-        """A query from a GET route's query string (or the image route's): one part, page, box, filters."""
-        params, first = request.query_params, {"text": "q", "url": "url", "item": "id"}.get(part_kind)
-        filters = {column: v for column, v in params.items() if column not in page_params | {first}}
-        known = set(service.filter_columns) | {f"{column}!" for column in service.filter_columns}
-        unknown = sorted(set(filters) - known)
-        if unknown:
-            raise QueryError(f"unknown parameter {unknown[0][:100]!r} (filters: {', '.join(service.filter_columns)}; "
-                             f"also k, offset, box, collapse)")
-        query = Query((Part(part_kind, params.get(first, "") if value is None else value),),
-                      query_params_filters(filters), whole_number(params.get("k"), "k", TOP_K),
-                      whole_number(params.get("offset"), "offset", 0), parse_box(params.get("box")),
-                      params.get("collapse", "true").lower() not in ("0", "false", "no"))
-        check_page(query.k, query.offset)
-        return query
+    def params(request, kind, value=None) -> Query:
+        return from_params(request.query_params, kind, service.filter_columns, value)
 
     def one_part(kind):
         async def read(request):
-            query = from_params(request, kind)
+            query = params(request, kind)
             return lambda: service.run(query)
         return read
 
     async def image(request):
-        query = from_params(request, "photo", b"")  # checked before the body is read
+        query = params(request, "photo", b"")  # checked before the body is read
         data = await gate.read_body(request, max_upload_bytes)
-        return lambda: service.run(Query((Part("photo", data),), query.filters, query.k, query.offset, query.box,
-                                         query.collapse))
+        return lambda: service.run(with_photo(query, data))
 
     async def composed(request):
-        body = await gate.read_body(request, gate.MAX_QUERY_BYTES)
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            raise QueryError('the body is JSON: {"parts": [...], "filters": {...}, "k": 5, "offset": 0}') from None
-        query = from_json(parsed, max_upload_bytes)
+        query = from_text(await gate.read_body(request, gate.MAX_QUERY_BYTES), max_upload_bytes)
         return lambda: service.run(query)
 
     async def batch(request):
-        params = from_params(request, "photo", b"")
+        query = params(request, "photo", b"")
         photos = await gate.read_photos(request, gate.MAX_BATCH, max_upload_bytes)
-        return lambda: {"answers": service.search_batch(photos, params.filters, params.k)}
+        return lambda: {"answers": service.search_batch(photos, query.filters, query.k)}
 
     fastapi_app.add_route("/api/search", route(composed), methods=["POST"])
     fastapi_app.add_route("/api/search_image", route(image), methods=["POST"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import tempfile
 from pathlib import Path
 
 from fashion_search.data import catalog_splits
@@ -65,7 +66,8 @@ def add(catalog, encoder, spec: str, cache_dir: str):
     """Embed every photo of ``spec`` with the run's model, keep a copy of each photo beside the index (the app shows
     it), then upsert them: an item with an id already in the catalog is replaced."""
     splits = catalog_splits(spec)
-    vectors, meta = embed_dataset(splits, encoder, cache_dir)
+    with tempfile.TemporaryDirectory(prefix="catalog-add-") as chunks:
+        vectors, meta = embed_dataset(splits, encoder, cache_dir, Path(chunks))
     photo_bytes, photos = dataset_image_bytes(splits), []
     for split, row in zip(meta["split"], meta["row"]):
         data = photo_bytes(split, row)

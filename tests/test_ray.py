@@ -32,6 +32,7 @@ def test_ray_actors_embed_what_the_local_loop_does(trained_runs, hub_dataset, ca
 
 CATALOG_BUILD = """
 import sys
+from pathlib import Path
 import numpy as np
 from fashion_search.data import catalog_splits
 from fashion_search.serving.catalog import embed_dataset
@@ -39,8 +40,9 @@ from fashion_search.serving.encoder import Encoder
 
 encoder = Encoder(sys.argv[1], "cpu", int8=False)
 splits = catalog_splits(sys.argv[2])
-local, local_meta = embed_dataset(splits, encoder, sys.argv[3])
-ray, ray_meta = embed_dataset(splits, encoder, sys.argv[3], ray_actors=2)
+chunks = Path(sys.argv[3]) / "catalog-chunks"
+local, local_meta = embed_dataset(splits, encoder, sys.argv[3], chunks)
+ray, ray_meta = embed_dataset(splits, encoder, sys.argv[3], chunks, ray_actors=2)
 assert local.shape == ray.shape and local_meta.equals(ray_meta), (local.shape, ray.shape)
 print("max difference", float(np.abs(local - ray).max()))
 """

@@ -80,14 +80,13 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
     if todo and len(todo) < len(chunks):
         print(f"resuming the catalog build: {len(chunks) - len(todo)} of {len(chunks)} chunks already embedded")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = pool.submit(decode, chunks[todo[0]]) if todo else None
+        decoded = decode(chunks[todo[0]]) if todo else None
         # The job's graph (compiled, or int8 on a CPU with int8 units) is chosen for the whole catalog and calibrated
         # on its first chunk, whatever is left to embed: a resumed build computes what an uninterrupted one does.
-        sample = [decode(chunks[0])[0]] if todo else []
+        sample = [] if not todo else [decoded[0] if todo[0] == 0 else decode(chunks[0])[0]]
         with job_embed(encoder, sample, encoder.device, encoder.dtype, EMBED_BATCH, total=len(places)) as compiled:
             bar = tqdm(total=len(places), desc="embed catalog", unit="photo", disable=None)
             bar.update(sum(len(chunks[i]) for i in found if found[i] is not None))
-            decoded = pending.result() if pending else None
             for position, index in enumerate(todo):
                 following = pool.submit(decode, chunks[todo[position + 1]]) if position + 1 < len(todo) else None
                 images, ok = decoded

@@ -10,11 +10,9 @@ import numpy as np
 import pandas as pd
 
 from fashion_search.data import SPLITS, catalog_splits, cell_bytes, image_cache, load_processed, metadata_frame
-from fashion_search.embed import job_embed
 from fashion_search.errors import UserError
 from fashion_search.files import file_sha256, fingerprint
 from fashion_search.serving.gate import decode_square, item_id
-from fashion_search.inference import EMBED_BATCH
 from fashion_search.runs import load_split
 from fashion_search.serving import duplicates
 from fashion_search.serving.build import embed_in_chunks
@@ -231,29 +229,21 @@ class EncoderEmbedder:
         return Encoder(self.model_path, self.device, int8=False).embed_pixels
 
 
-def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, ray_actors: int = 0):
+def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, chunks: Path, ray_actors: int = 0):
     """Every decodable photo of a dataset's splits embedded with the encoder: (float32 [N, D], row metadata with
-    split and row). With ray_actors, a pool of that many Ray actors embeds them (--engine ray)."""
-    embeddings, metas = [], []
-    cached = {name: image_cache(split, encoder.image_size, cache_dir) for name, split in splits.items()}
-    if ray_actors:
-        from fashion_search import ray_engine
+    split and row). In this process, chunk by chunk through ``chunks`` (serving.build: resumable); with ray_actors,
+    by a pool of that many Ray actors over the decoded cache in ``cache_dir`` (--engine ray)."""
+    if not ray_actors:
+        return embed_in_chunks(splits, encoder, chunks)
+    from fashion_search import ray_engine
 
-        image_sets = [images if ok.all() else images[np.flatnonzero(ok)] for images, ok in cached.values()]
-        factory = EncoderEmbedder(encoder.model_path, str(encoder.device))
-        embeddings = ray_engine.embed(factory, image_sets, ray_actors,
-                                      gpus_per_actor=1 if encoder.device.type == "cuda" else 0)
-        metas = [metadata_frame(split.select(np.flatnonzero(ok)), name, every_column=True).assign(row=np.flatnonzero(ok))
-                 for (name, split), (_, ok) in zip(splits.items(), cached.values())]
-        return np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
-    with job_embed(encoder, [images for images, _ in cached.values()], encoder.device, encoder.dtype,
-                   EMBED_BATCH) as compiled:  # one graph for every split
-        for name, split in splits.items():
-            images, ok = cached[name]
-            keep = np.flatnonzero(ok)
-            embeddings.append(encoder.embed_pixels(images if ok.all() else images[keep], progress=True,
-                                                   compiled=compiled))
-            metas.append(metadata_frame(split.select(keep), name, every_column=True).assign(row=keep))
+    cached = {name: image_cache(split, encoder.image_size, cache_dir) for name, split in splits.items()}
+    image_sets = [images if ok.all() else images[np.flatnonzero(ok)] for images, ok in cached.values()]
+    factory = EncoderEmbedder(encoder.model_path, str(encoder.device))
+    embeddings = ray_engine.embed(factory, image_sets, ray_actors,
+                                  gpus_per_actor=1 if encoder.device.type == "cuda" else 0)
+    metas = [metadata_frame(split.select(np.flatnonzero(ok)), name, every_column=True).assign(row=np.flatnonzero(ok))
+             for (name, split), (_, ok) in zip(splits.items(), cached.values())]
     return np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
 
 
@@ -269,10 +259,7 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     store = open_store(index, index_dir, encoder.dim, built_from)
     if store.fingerprint != built_from:
         chunks = Path(index_dir) / f"build-{built_from[:16]}"  # the embedded chunks, kept until the index is whole
-        if ray_actors:
-            embeddings, meta = embed_dataset(splits, encoder, cache_dir, ray_actors)
-        else:
-            embeddings, meta = embed_in_chunks(splits, encoder, chunks)
+        embeddings, meta = embed_dataset(splits, encoder, cache_dir, chunks, ray_actors)
         keys, records = item_records(meta)
         store.build(built_from, keys, embeddings, records)
         shutil.rmtree(chunks, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -137,7 +139,41 @@ def from_json(body, max_photo_bytes: int) -> Query:
                   whole_number(body.get("k"), "k", TOP_K), whole_number(body.get("offset"), "offset", 0),
                   parse_box(body.get("box")), bool(body.get("collapse", True)))
     check_page(query.k, query.offset)
-    if query.box is not None and [p.kind for p in query.parts].count("photo") + \
-            [p.kind for p in query.parts].count("url") == 0:
+    if query.box is not None and not any(part.kind in ("photo", "url") for part in query.parts):
         raise QueryError("a box needs a photo or URL part to cut it from")
     return query
+
+
+def from_text(text, max_photo_bytes: int) -> Query:
+    """The JSON route's body (or the Gradio API's /search argument) as text or bytes."""
+    try:
+        body = json.loads(text or "")
+    except ValueError:
+        raise QueryError('the body is JSON: {"parts": [...], "filters": {...}, "k": 5, "offset": 0}') from None
+    return from_json(body, max_photo_bytes)
+
+
+PAGE_PARAMS = ("k", "offset", "box", "collapse")
+PART_PARAMS = {"text": "q", "url": "url", "item": "id"}  # the query-string parameter of each GET route's part
+
+
+def from_params(params, kind: str, filter_columns, value=None) -> Query:
+    """A one-part query from a route's query string: its part (``value``, or the parameter PART_PARAMS names), the
+    page, a box, and filters on ``filter_columns`` (query_params_filters)."""
+    first = PART_PARAMS.get(kind)
+    filters = {column: v for column, v in params.items() if column not in (*PAGE_PARAMS, first)}
+    known = {*filter_columns, *(f"{column}!" for column in filter_columns)}
+    unknown = sorted(set(filters) - known)
+    if unknown:
+        raise QueryError(f"unknown parameter {unknown[0][:100]!r} (filters: {', '.join(filter_columns)}; also k, "
+                         f"offset, box, collapse)")
+    query = Query((Part(kind, params.get(first, "") if value is None else value),), query_params_filters(filters),
+                  whole_number(params.get("k"), "k", TOP_K), whole_number(params.get("offset"), "offset", 0),
+                  parse_box(params.get("box")), params.get("collapse", "true").lower() not in ("0", "false", "no"))
+    check_page(query.k, query.offset)
+    return query
+
+
+def with_photo(query: Query, data: bytes) -> Query:
+    """The query with its one part's photo filled in (the image route checks the query string before the body)."""
+    return dataclasses.replace(query, parts=(Part("photo", data),))

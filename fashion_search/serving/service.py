@@ -15,7 +15,7 @@ from fashion_search.serving.encoder import Encoder
 from fashion_search.serving.errors import QueryError
 from fashion_search.serving.fetch import fetch_url
 from fashion_search.serving.gate import open_rgb
-from fashion_search.serving.query import Part, Query
+from fashion_search.serving.query import Part, Query, from_text
 
 # A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
 MIN_CONFIDENCE = 0.5
@@ -91,13 +91,14 @@ class SearchService:
                 query.parts[1].weight > 0:
             from fashion_search.combiner import combine
 
-            return self.rank(combine(self.combiner, vectors[0], vectors[1]), query.filters, query.k, query.offset,
-                             query.kind, query.collapse)
-        total = sum(part.weight * vector for part, vector in zip(query.parts, vectors))
-        norm = float(np.linalg.norm(total))
-        if norm < 1e-6:
-            raise QueryError("the query's parts cancel each other out: nothing is left to search by")
-        return self.rank(total / norm, query.filters, query.k, query.offset, query.kind, query.collapse)
+            vector = combine(self.combiner, vectors[0], vectors[1])
+        else:
+            total = sum(part.weight * vector for part, vector in zip(query.parts, vectors))
+            norm = float(np.linalg.norm(total))
+            if norm < 1e-6:
+                raise QueryError("the query's parts cancel each other out: nothing is left to search by")
+            vector = total / norm
+        return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse)
 
     def part_vectors(self, parts, box=None) -> list[np.ndarray]:
         vectors = []
@@ -117,6 +118,7 @@ class SearchService:
     def search_batch(self, photos: list[bytes], filters: dict | None = None, k=TOP_K) -> list[dict]:
         """One result list per photo, in order; a photo the gate refuses gets its error in place of results. The
         photos go to the micro-batcher together, so a batch costs about one model batch."""
+        filters = self.catalog.check_filters(filters or {})  # a bad filter fails before any photo is embedded
         pixels, answers = [], []
         for data in photos:
             try:
@@ -125,7 +127,6 @@ class SearchService:
             except QueryError as exc:
                 answers.append({"error": str(exc)})
         vectors = iter(self.encoder.embed_many(pixels))
-        filters = self.catalog.check_filters(filters or {})
         return [answer or {"results": self.rank(next(vectors), filters, k)} for answer in answers]
 
     def search_image_file(self, path, *filters, offset=0):
@@ -140,18 +141,11 @@ class SearchService:
 
     def search_json(self, text: str):
         """The Gradio API's /search: a query as the JSON route takes it, as text."""
-        import json
-
         from fashion_search.serving.gate import MAX_QUERY_BYTES
-        from fashion_search.serving.query import from_json
 
         if len(text or "") > MAX_QUERY_BYTES:
             raise QueryError(f"the query is over {MAX_QUERY_BYTES // 2**20} MB")
-        try:
-            body = json.loads(text or "")
-        except ValueError:
-            raise QueryError("the query is JSON: {\"parts\": [...], \"filters\": {...}, \"k\": 5, \"offset\": 0}") from None
-        return self.run(from_json(body, MAX_QUERY_BYTES))
+        return self.run(from_text(text, MAX_QUERY_BYTES))
 
     def search_url(self, url, *filters, offset=0):
         return self.search_image_bytes(fetch_url(url, self.allow_private_urls), *filters, offset=offset)
