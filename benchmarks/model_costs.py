@@ -23,7 +23,7 @@ from fashion_search.inference import EMBED_BATCH, embed_images
 from fashion_search.pipeline import load_trained
 from fashion_search.runs import load_split
 from fashion_search.runtime import Runtime
-from fashion_search.stores.faiss_store import build_index
+from fashion_search.stores.faiss_index import build_index
 
 
 def catalog_vectors(run: Path) -> np.ndarray:

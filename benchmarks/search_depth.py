@@ -13,7 +13,7 @@ import numpy as np
 
 from fashion_search.runs import load_split
 from fashion_search.stores import SEARCH_DEPTH
-from fashion_search.stores.faiss_store import read_version
+from fashion_search.stores.faiss_versions import read_version
 
 
 def main(argv=None):

@@ -1,11 +1,14 @@
 """Shared fixtures: a small hub-layout dataset of real JPEG bytes that the tests generate, the processed splits,
 and tiny trained runs. No test touches the network: the hub is switched to offline mode before any import."""
 import functools
+import http.server
 import io
 import ipaddress
 import os
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -219,3 +222,81 @@ def child_env(**extra) -> dict:
     """The environment for a child Python process of a test: offline, one thread per process (2 cores), quiet."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+# ----------------------------------------------------------------- a local HTTP server for the URL route's cases
+
+def jpeg_bytes(colour=(200, 30, 30), size=(40, 40)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves the cases the URL guard must handle."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send(self, status, body=b"", content_type="image/jpeg", headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        port = self.server.server_address[1]
+        if self.path == "/img.jpg":
+            self.send(200, jpeg_bytes())
+        elif self.path == "/html":
+            self.send(200, b"<html></html>", "text/html")
+        elif self.path.startswith("/redirect/"):
+            hops = int(self.path.rsplit("/", 1)[1])
+            target = "/img.jpg" if hops == 0 else f"/redirect/{hops - 1}"
+            self.send(302, headers=[("Location", target)])
+        elif self.path == "/to-private":
+            self.send(302, headers=[("Location", f"http://127.0.0.1:{port}/img.jpg")])
+        elif self.path == "/huge-declared":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(50 * 2**20))
+            self.end_headers()
+        elif self.path == "/endless":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            try:
+                for _ in range(2000):  # 2000 x 64 KiB = 125 MiB, far past the cap; bounded all the same
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+        elif self.path == "/slow":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(40):  # a byte every 0.5 s: each read succeeds, the total deadline must stop it
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+        elif self.path == "/not-an-image":
+            self.send(200, b"hello, this is text", "image/jpeg")
+        else:
+            self.send(404, b"", "text/plain")
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()

@@ -1,11 +1,7 @@
-"""The app: URL guards against a local HTTP server, the search service, and the page + API through gradio_client
-and a headless Chromium, all on 127.0.0.1 with a tiny trained CLIP run over the fixture catalog."""
-import http.server
-import io
+"""The app: the search service, and the page + API through gradio_client and a headless Chromium, all on
+127.0.0.1 with a tiny trained CLIP run over the fixture catalog (the URL route's guards: test_fetch.py)."""
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,146 +9,14 @@ import pytest
 from PIL import Image
 
 import app
+from conftest import jpeg_bytes
 from fashion_search import accel
 from fashion_search.serving.gate import decode_square, open_rgb
-from fashion_search.serving import catalog, fetch, gate
+from fashion_search.serving import catalog, gate
 from fashion_search.serving.encoder import QUERY_BATCH, Encoder
 from fashion_search.serving.errors import QueryError
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-
-
-def jpeg_bytes(colour=(200, 30, 30), size=(40, 40)):
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves the cases the URL guard must handle."""
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def send(self, status, body=b"", content_type="image/jpeg", headers=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in headers:
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):  # noqa: N802
-        port = self.server.server_address[1]
-        if self.path == "/img.jpg":
-            self.send(200, jpeg_bytes())
-        elif self.path == "/html":
-            self.send(200, b"<html></html>", "text/html")
-        elif self.path.startswith("/redirect/"):
-            hops = int(self.path.rsplit("/", 1)[1])
-            target = "/img.jpg" if hops == 0 else f"/redirect/{hops - 1}"
-            self.send(302, headers=[("Location", target)])
-        elif self.path == "/to-private":
-            self.send(302, headers=[("Location", f"http://127.0.0.1:{port}/img.jpg")])
-        elif self.path == "/huge-declared":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(50 * 2**20))
-            self.end_headers()
-        elif self.path == "/endless":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            try:
-                for _ in range(2000):  # 2000 x 64 KiB = 125 MiB, far past the cap; bounded all the same
-                    self.wfile.write(b"\0" * 65536)
-            except OSError:
-                pass
-        elif self.path == "/slow":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
-            try:
-                for _ in range(40):  # a byte every 0.5 s: each read succeeds, the total deadline must stop it
-                    self.wfile.write(b"\0")
-                    self.wfile.flush()
-                    time.sleep(0.5)
-            except OSError:
-                pass
-        elif self.path == "/not-an-image":
-            self.send(200, b"hello, this is text", "image/jpeg")
-        else:
-            self.send(404, b"", "text/plain")
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/x.jpg", "http://localhost/x.jpg", "http://[::1]/x.jpg", "http://169.254.169.254/latest",
-    "http://10.0.0.1/x.jpg", "http://192.168.1.1/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg", "http://2130706433/x.jpg",
-    "http://0.0.0.0/x.jpg", "http://224.0.0.1/x.jpg", "http://100.64.0.1/x.jpg", "http://[fe80::1]/x.jpg"])
-def test_private_addresses_are_refused(url):
-    with pytest.raises(QueryError, match="non-public address"):
-        fetch.fetch_url(url)
-
-
-@pytest.mark.parametrize("url", ["ftp://example.com/x.jpg", "file:///etc/passwd", "javascript:alert(1)", "", "x"])
-def test_other_schemes_are_refused(url):
-    with pytest.raises(QueryError, match="only http and https"):
-        fetch.fetch_url(url)
-
-
-def test_local_server_is_refused_unless_allowed(server):
-    with pytest.raises(QueryError, match="non-public"):
-        fetch.fetch_url(f"{server}/img.jpg")
-    assert fetch.fetch_url(f"{server}/img.jpg", allow_private=True) == jpeg_bytes()
-
-
-def test_redirects_are_followed_up_to_the_limit(server):
-    # /redirect/N answers N + 1 redirects before the image
-    assert fetch.fetch_url(f"{server}/redirect/2", allow_private=True) == jpeg_bytes()
-    with pytest.raises(QueryError, match="more than 3 redirects"):
-        fetch.fetch_url(f"{server}/redirect/3", allow_private=True)
-
-
-def test_public_name_redirecting_to_a_private_address_is_refused(server, monkeypatch):
-    real = fetch.resolve_public
-
-    def resolve(host, port, allow_private, deadline=None):
-        # 'public.test' plays a public server (it is our local one); every other host is checked for real.
-        return "127.0.0.1" if host == "public.test" else real(host, port, allow_private, deadline)
-
-    monkeypatch.setattr(fetch, "resolve_public", resolve)
-    port = server.rsplit(":", 1)[1]
-    with pytest.raises(QueryError, match="non-public address"):
-        fetch.fetch_url(f"http://public.test:{port}/to-private")
-
-
-@pytest.mark.parametrize("path, message", [
-    ("/html", "serves 'text/html'"), ("/huge-declared", "larger than 10 MB"), ("/endless", "larger than 10 MB"),
-    ("/missing", "HTTP 404")])
-def test_bad_bodies_are_refused(server, path, message):
-    with pytest.raises(QueryError, match=message):
-        fetch.fetch_url(server + path, allow_private=True)
-
-
-def test_slow_body_hits_the_total_deadline(server, monkeypatch):
-    monkeypatch.setattr(fetch, "TOTAL_TIMEOUT", 2.0)
-    started = time.monotonic()
-    with pytest.raises(QueryError, match="longer than 2 s"):
-        fetch.fetch_url(f"{server}/slow", allow_private=True)
-    assert time.monotonic() - started < 5
 
 
 # --------------------------------------------------------------------------- the service and the page

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_args
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_torch_save
-from fashion_search.stores import faiss_store as index
+from fashion_search.stores import faiss_index as index
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

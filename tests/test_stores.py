@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from fashion_search.stores import faiss_store, open_store
+from fashion_search.stores import faiss_index, faiss_store, faiss_versions, open_store
 
 DIM = 16
 COLOURS = ("Red", "Blue", "Green")
@@ -134,7 +134,7 @@ def test_a_store_of_another_model_is_rebuilt_or_refused(spec):
 
 def test_hnsw_tombstones_are_never_returned_and_compaction_rebuilds(tmp_path, monkeypatch):
     monkeypatch.setattr(faiss_store, "EXACT_FILTERED_UP_TO", 100)  # filtered searches take the graph path here
-    count = faiss_store.EXACT_UP_TO + 200
+    count = faiss_index.EXACT_UP_TO + 200
     store = open_store("faiss", tmp_path, DIM, "fp")
     keys, vectors, records = items(count)
     store.build("fp", keys, vectors, records)
@@ -241,22 +241,22 @@ def test_a_current_version_that_cannot_be_read_falls_back_to_the_newest_intact_o
     if fault == "damaged":
         (folder / "v000003" / "index.faiss").write_bytes(b"damaged")
     else:  # removed between reading CURRENT and loading it
-        real = faiss_store.load_version
+        real = faiss_versions.load_version
 
         def vanishing(path, dim):
             if path.name == "v000003":
                 import shutil
                 shutil.rmtree(path, ignore_errors=True)
             return real(path, dim)
-        monkeypatch.setattr(faiss_store, "load_version", vanishing)
+        monkeypatch.setattr(faiss_versions, "load_version", vanishing)
     reopened = open_store("faiss", folder, DIM, "fp-1")
     assert reopened.fingerprint == "fp-1"  # not empty: the app does not rebuild the base catalog over it
     assert reopened.count() == 13 and reopened.fetch("101") is not None
     assert "serving v000002, the newest version that reads" in capsys.readouterr().out
     reopened.upsert(*items(1, start=300, seed=3))
-    assert faiss_store.read_json(folder / "CURRENT")["version"] == "v000004"  # numbering goes on, never restarts
+    assert faiss_versions.read_json(folder / "CURRENT")["version"] == "v000004"  # numbering goes on, never restarts
     assert {"v000001", "v000002", "v000004"} <= set(versions_on_disk(folder))  # no intact version deleted
-    assert faiss_store.load_version(folder / "v000002", DIM) is not None
+    assert faiss_versions.load_version(folder / "v000002", DIM) is not None
 
 
 def test_32_threads_searching_across_one_write_cause_one_load(tmp_path, monkeypatch):
@@ -266,14 +266,14 @@ def test_32_threads_searching_across_one_write_cause_one_load(tmp_path, monkeypa
     folder = tmp_path / "index"
     reader, keys, vectors, _ = built("faiss", folder, count=10)
     writer = open_store("faiss", folder, DIM, "fp-1")
-    loads, real = [], faiss_store.load_version
+    loads, real = [], faiss_versions.load_version
 
     def slow_load(path, dim):
         loads.append(path.name)
         time.sleep(0.3)  # a slow load: every thread arrives while it runs
         return real(path, dim)
     writer.upsert(*items(2, start=500, seed=5))
-    monkeypatch.setattr(faiss_store, "load_version", slow_load)
+    monkeypatch.setattr(faiss_versions, "load_version", slow_load)
     found = []
     threads = [threading.Thread(target=lambda: (reader.refresh(), found.append(reader.fetch("500") is not None)))
                for _ in range(32)]
@@ -288,14 +288,14 @@ def test_a_failed_load_is_tried_again_at_the_next_query(tmp_path, monkeypatch):
     folder = tmp_path / "index"
     reader, *_ = built("faiss", folder, count=10)
     open_store("faiss", folder, DIM, "fp-1").upsert(*items(2, start=500, seed=5))
-    real, failures = faiss_store.load_version, [1]
+    real, failures = faiss_versions.load_version, [1]
 
     def flaky(path, dim):
         if failures:
             failures.pop()
             return None  # e.g. an I/O error
         return real(path, dim)
-    monkeypatch.setattr(faiss_store, "load_version", flaky)
+    monkeypatch.setattr(faiss_versions, "load_version", flaky)
     assert reader.refresh() is False and reader.fetch("500") is None  # this query still sees the old version
     assert reader.refresh() is True and reader.fetch("500") is not None  # the next one loads it
 
