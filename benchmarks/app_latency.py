@@ -18,14 +18,21 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-prod
 
 
 def photos(count, folder):
-    import datasets
-    from datasets import Image as ImageFeature
+    """Query photos: product photos of the 8k subset where it is, else synthetic ones (embed_pipeline's)."""
+    if SHARED.exists():
+        import datasets
+        from datasets import Image as ImageFeature
 
-    ds = datasets.load_dataset(str(SHARED), split="train").cast_column("image", ImageFeature(decode=False))
+        ds = datasets.load_dataset(str(SHARED), split="train").cast_column("image", ImageFeature(decode=False))
+        blobs = [cell["bytes"] for cell in ds.select(range(count))["image"]]
+    else:
+        from embed_pipeline import product_photos
+
+        blobs = product_photos(count, seed=1)
     paths = []
-    for i, cell in enumerate(ds.select(range(count))["image"]):
+    for i, blob in enumerate(blobs):
         path = Path(folder) / f"q{i}.jpg"
-        path.write_bytes(cell["bytes"])
+        path.write_bytes(blob)
         paths.append(str(path))
     return paths
 
@@ -80,13 +87,34 @@ def run(url, clients, requests, paths, route):
           f"{len(ms) / elapsed:.1f} | {len(errors)} |", flush=True)
 
 
+def wait_ready(url, seconds, need_page):
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(url.rstrip("/") + "/api/status", timeout=5).json()
+            if status["state"] == "ready" and (status["page"] == "serving" or not need_page):
+                return
+            if status["state"] == "failed":
+                raise SystemExit(f"the app failed to start: {status['phase']}")
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the app at {url} was not ready within {seconds:g} s")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:7860/")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=200, help="per setting; the run stops after these")
     parser.add_argument("--routes", nargs="+", choices=("gradio", "json"), default=["gradio", "json"])
+    parser.add_argument("--wait", type=float, default=0, help="seconds to wait for the app to be ready (its GET "
+                        "/api/status), for an app started just before")
     args = parser.parse_args(argv)
+    if args.wait:
+        wait_ready(args.url, args.wait, need_page="gradio" in args.routes)
     with tempfile.TemporaryDirectory() as folder:
         paths = photos(64, folder)
         print("| route | clients | requests | p50 ms | p95 ms | p99 ms | requests/s | errors |")

@@ -135,12 +135,12 @@ def main(argv=None):
         print(json.dumps(report["box"], indent=1), flush=True)
 
     if "batch" in args.parts:
-        page = app.serve(service, port=args.port, block=False, quiet=True)
+        server = app.serve(service, port=args.port)
         try:
             photos = [service.catalog.image_bytes(key) for key in keys[:args.batch]]
             report["batch"] = batch_figures(f"http://127.0.0.1:{args.port}", photos)
         finally:
-            page.close()
+            server.close()
         print(json.dumps(report["batch"], indent=1), flush=True)
     if "duplicates" not in args.parts:
         return report

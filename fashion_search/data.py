@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_save_npy
+from fashion_search.runtime import decode_threads
 from fashion_search.serving.gate import decode_square
 
 HUB_DATASET = "ashraq/fashion-product-images-small"
@@ -121,6 +123,17 @@ def cell_bytes(cell) -> bytes:
     return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
 
 
+def decode_cells(cells, size: int, pool=None) -> list[np.ndarray | None]:
+    """Image cells (read with decode=False) decoded through the gate to uint8 [3, S, S] each, None where the gate
+    refuses one or it cannot be read; in ``pool``'s threads when one is given."""
+    def one(cell):
+        try:
+            return decode_square(cell_bytes(cell), size)
+        except (ValueError, OSError):  # refused by the gate (QueryError), or a missing file
+            return None
+    return list(pool.map(one, cells)) if pool is not None else [one(cell) for cell in cells]
+
+
 def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image of a split once, resized to size x size, into a uint8 [N, 3, S, S] .npy that is
     memory-mapped afterwards, so that no epoch decodes a JPEG twice. Returns (images, ok) where ok[i] is
@@ -139,12 +152,14 @@ def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]
     try:
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(raw), 3, size, size))
         ok = np.ones(len(raw), dtype=bool)
-        for start in tqdm(range(0, len(raw), 512), desc=f"decode {size}px", unit="batch", leave=False, disable=None):
-            for offset, cell in enumerate(raw[start:start + 512]["image"]):
-                try:
-                    images[start + offset] = decode_square(cell_bytes(cell), size)
-                except (ValueError, OSError):  # refused by the gate (QueryError), or a missing file
-                    ok[start + offset] = False
+        with ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode") as pool:
+            for start in tqdm(range(0, len(raw), 512), desc=f"decode {size}px", unit="batch", leave=False,
+                              disable=None):
+                for offset, pixels in enumerate(decode_cells(raw[start:start + 512]["image"], size, pool)):
+                    if pixels is None:
+                        ok[start + offset] = False
+                    else:
+                        images[start + offset] = pixels
         images.flush()
         del images
         atomic_save_npy(ok_path, ok)

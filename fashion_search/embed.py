@@ -12,14 +12,17 @@ from fashion_search.inference import embed_images
 from fashion_search.runs import write_embeddings
 
 
-# A whole catalog is worth compiling (Inductor, weights frozen into the graph) once the compile is paid off: from a
-# few thousand 224 px images (BENCHMARKS.md, section 1). A 64 px image costs ~12x less than a 224 px one, hence the
-# budget in 224 px equivalents.
+# A whole catalog is worth compiling (Inductor, weights frozen into the graph) once the compile is paid off: on a CPU
+# from a few thousand 224 px images (BENCHMARKS.md, section 1). A 64 px image costs ~12x less than a 224 px one, hence
+# the budget in 224 px equivalents. A GPU embeds thousands of photos a second eagerly at batches of hundreds, so the
+# compile's minute would be most of a catalog's build: there only a catalog of millions is compiled.
 COMPILE_FROM_224PX_IMAGES = 5_000
+GPU_COMPILE_FROM_224PX_IMAGES = 2_000_000
 
 
-def worth_compiling(images: int, image_size: int) -> bool:
-    return images * (image_size / 224) ** 2 >= COMPILE_FROM_224PX_IMAGES
+def worth_compiling(images: int, image_size: int, device="cpu") -> bool:
+    start = GPU_COMPILE_FROM_224PX_IMAGES if torch.device(device).type == "cuda" else COMPILE_FROM_224PX_IMAGES
+    return images * (image_size / 224) ** 2 >= start
 
 
 @contextlib.contextmanager
@@ -32,7 +35,7 @@ def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, in
 
     total = sum(len(images) for images in image_sets) if total is None else total
     size = image_sets[0].shape[-1] if image_sets else 0
-    if not worth_compiling(total, size):
+    if not worth_compiling(total, size, device):
         yield None
         return
     first = next((images for images in image_sets if len(images) >= batch_size), None)

@@ -10,19 +10,25 @@ from fashion_search.runtime import autocast
 from fashion_search.transforms import normalize
 
 
-# Photos per forward pass of a batch job (--eval-batch-size): int8 graphs ran faster at 64 than at 256 and bf16 ones
-# no slower (BENCHMARKS.md, section 1).
+# Photos per forward pass of a batch job (--eval-batch-size): on a CPU, int8 graphs ran faster at 64 than at 256 and
+# bf16 ones no slower (BENCHMARKS.md, section 1); a data-centre GPU needs hundreds per pass to be kept busy.
 EMBED_BATCH = 64
+GPU_EMBED_BATCH = 512
+
+
+def embed_batch(device) -> int:
+    return GPU_EMBED_BATCH if torch.device(device).type == "cuda" else EMBED_BATCH
 
 
 @torch.inference_mode()
-def embed_images(model, images: np.ndarray, device, dtype, batch_size=EMBED_BATCH, desc="embed", progress=True,
+def embed_images(model, images: np.ndarray, device, dtype, batch_size=None, desc="embed", progress=True,
                  compiled=None) -> np.ndarray:
     """uint8 [N, 3, S, S] -> float32 [N, D], L2-normalised, in batches under inference_mode + autocast, for any
     fashion_search.model.Embedder (its normalisation and memory format).
     With ``compiled`` (a CompiledEmbed or an int8 graph of model.embed), every batch runs through it at one shape
-    (the last one padded with zeros) so that it compiles once."""
+    (the last one padded with zeros) so that it compiles once. ``batch_size``: embed_batch(device) unless given."""
     model.eval()
+    batch_size = batch_size or embed_batch(device)
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
                       disable=None if progress else True):

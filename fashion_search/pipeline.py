@@ -13,7 +13,7 @@ from fashion_search.data import SPLITS, catalog_splits, dataset_name, load_proce
 from fashion_search.embed import embed_splits
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_write_json, git_commit
-from fashion_search.inference import EMBED_BATCH
+from fashion_search.inference import EMBED_BATCH, GPU_EMBED_BATCH, embed_batch
 from fashion_search.metrics import HEADLINE_KEYS
 from fashion_search.runs import Run, calibrate_run, evaluate_run
 from fashion_search.runtime import Runtime, device_arg, positive_int, set_seed
@@ -53,7 +53,8 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
     add("--resume", action="store_true", help="continue an interrupted run from <output-dir>/last.pt")
     add("--embed-only", action="store_true", help="embed --data with the trained run --checkpoint, no training")
     add("--checkpoint", default=None, help="with --embed-only: the trained run folder")
-    add("--eval-batch-size", type=positive_int, default=EMBED_BATCH)
+    add("--eval-batch-size", type=positive_int, default=None, help=f"photos per forward pass when embedding "
+        f"(default: {EMBED_BATCH} on a CPU, {GPU_EMBED_BATCH} on a GPU)")
     add("--engine", choices=("local", "ray"), default="local", help="with --embed-only: embed in this process "
         "(local), or on a Ray cluster (RAY_ADDRESS, else a local one) with a pool of model actors")
     add("--ray-actors", type=positive_int, default=2, help="--engine ray: model actors (one GPU each on GPUs)")
@@ -89,7 +90,9 @@ def prepare(args, name: str) -> Runtime:
             print(f"{name}: data-parallel training on {world.size} processes "
                   f"({torch.distributed.get_backend()}), global batch {args.batch_size}")
     set_seed(args.seed)  # the same on every rank: identical initial weights
-    return Runtime.create(args.device, args.precision)
+    runtime = Runtime.create(args.device, args.precision)
+    args.eval_batch_size = args.eval_batch_size or embed_batch(runtime.device)
+    return runtime
 
 
 def train_and_export(args, runtime: Runtime, name, build_model, loss_fn, make_sampler=None, export=None):

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import os
 import random
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def positive_int(value: str) -> int:
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
+
+
+def decode_threads(beside=None) -> int:
+    """Threads to decode photos in (Pillow decodes without the GIL): every core up to 16 with nothing else to run;
+    beside a model on a GPU, every core but the one that feeds it; beside a model on the CPU, one (the model needs
+    the cores: the thread only overlaps decoding with it)."""
+    cores = min(16, os.cpu_count() or 1)
+    if beside is None:
+        return cores
+    return max(1, cores - 1) if torch.device(beside).type == "cuda" else 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:

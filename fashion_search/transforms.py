@@ -6,7 +6,11 @@ import torch.nn.functional as F
 
 
 def normalize(images_uint8: torch.Tensor, mean, std, device, channels_last=False) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S] on ``device`` (the copy travels as uint8: 4x less)."""
+    """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S] on ``device`` (the copy travels as uint8: 4x less, from
+    pinned memory to a GPU, so that it overlaps the work queued before it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and images_uint8.device.type == "cpu" and not images_uint8.is_pinned():
+        images_uint8 = images_uint8.pin_memory()
     images = images_uint8.to(device, non_blocking=True).float().div_(255)
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)

@@ -197,9 +197,9 @@ def served(service):
     import app
 
     port = free_port()
-    page = app.serve(service, port=port, block=False, quiet=True)
+    server = app.serve(service, port=port)
     yield f"http://127.0.0.1:{port}/"
-    page.close()
+    server.close()
 
 
 @functools.lru_cache(maxsize=1)

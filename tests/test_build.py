@@ -29,7 +29,7 @@ def build(hub_dataset, encoder, folder):
     embedded = []
     vectors, meta = embed_in_chunks(catalog_splits(str(hub_dataset)), encoder, folder, CHUNK,
                                     on_chunk=lambda done, total: embedded.append(done))
-    return vectors, meta, len(embedded)
+    return vectors, meta, len(embedded) - 1  # the first report is before any chunk is embedded
 
 
 def test_a_build_killed_at_80_percent_resumes_and_gives_the_uninterrupted_index(hub_dataset, encoder, trained_runs,
@@ -44,7 +44,7 @@ def test_a_build_killed_at_80_percent_resumes_and_gives_the_uninterrupted_index(
         from fashion_search.serving.encoder import Encoder
 
         def kill_at_80(done, total):
-            if done == 4:  # 4 of 5 chunks written
+            if done == 4 * {CHUNK}:  # 4 of 5 chunks written
                 os.kill(os.getpid(), signal.SIGKILL)
         encoder = Encoder({str(trained_runs["clip"] / "hf_model")!r}, "cpu", int8=False)
         embed_in_chunks(catalog_splits({str(hub_dataset)!r}), encoder, {str(folder)!r}, {CHUNK}, kill_at_80)
@@ -71,3 +71,21 @@ def test_a_damaged_chunk_is_embedded_again(hub_dataset, encoder, tmp_path):
     np.testing.assert_array_equal(again, whole)
     _, _, none = build(hub_dataset, encoder, folder)
     assert none == 0  # everything on disk is whole now
+
+
+def test_a_build_decoding_on_many_threads_gives_what_one_thread_gives(hub_dataset, encoder, tmp_path, monkeypatch):
+    """Beside a GPU the build decodes on many threads (runtime.decode_threads): the same photos, in the same order."""
+    from fashion_search.serving import build as build_module
+
+    serial, serial_meta, _ = build(hub_dataset, encoder, tmp_path / "serial")
+    pools, original = [], build_module.decode_cells
+
+    def decode_cells(cells, size, pool=None):
+        pools.append(pool)
+        return original(cells, size, pool)
+    monkeypatch.setattr(build_module, "decode_cells", decode_cells)
+    monkeypatch.setattr(build_module, "decode_threads", lambda beside: 3)  # as beside a GPU
+    threaded, threaded_meta, _ = build(hub_dataset, encoder, tmp_path / "threaded")
+    assert pools and all(pool is not None for pool in pools)
+    np.testing.assert_array_equal(threaded, serial)
+    assert threaded_meta.equals(serial_meta)

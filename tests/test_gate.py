@@ -129,7 +129,7 @@ def app_process(trained_runs, cache_dir, tmp_path_factory):
     while time.monotonic() < deadline:
         assert process.poll() is None, (temp / "app.log").read_text()[-3000:]
         try:
-            if httpx.get(url + "/api/search_text?q=shirt", timeout=2).status_code in (200, 400):
+            if httpx.get(url + "/api/status", timeout=2).json()["page"] == "serving":  # the JSON routes come first
                 break
         except httpx.HTTPError:
             time.sleep(0.5)
@@ -243,13 +243,13 @@ def trickle(url, seconds, stop):
 def test_the_65th_trickling_upload_is_refused_before_it_has_finished_and_a_slow_one_is_cut_off(served, monkeypatch):
     """64 uploads that never finish hold every slot: the 65th gets 503 at once, while it is still sending. A body
     slower than the deadline is cut off with 408."""
-    import app
+    from fashion_search.serving.json_api import MAX_PENDING
 
     url = served.rstrip("/")
     stop = threading.Event()
-    answers = [None] * app.MAX_PENDING
+    answers = [None] * MAX_PENDING
     threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, trickle(url, 40, stop)))
-               for i in range(app.MAX_PENDING)]
+               for i in range(MAX_PENDING)]
     for thread in threads:
         thread.start()
     time.sleep(2)  # every trickle has its slot

@@ -21,9 +21,10 @@ from PIL import Image
 import app
 from conftest import free_port, tiny_args
 from fashion_search.errors import UserError
-from fashion_search.serving import fetch
+from fashion_search.serving import fetch, json_api
 from fashion_search.serving.batching import MicroBatcher
 from fashion_search.serving.errors import Busy, QueryError
+from fashion_search.serving.page import CACHE_CLEANING, build_page, page_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,11 +165,12 @@ def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(
     service, _ = app.load_service(app.parse_args(["--run", str(imageonly_clip), "--cache-dir", str(cache_dir)]))
     with pytest.raises(QueryError, match="--text-loss-weight"):
         service.search_text("red shirt")
+    page = build_page(service)
+    assert not any(getattr(block, "label", None) == "description" for block in page.blocks.values())
+    assert any("Text search is off" in str(getattr(block, "value", "")) for block in page.blocks.values())
     port = free_port()
-    page = app.serve(service, port=port, block=False, quiet=True)
+    server = app.serve(service, port=port)
     try:
-        assert not any(getattr(block, "label", None) == "description" for block in page.blocks.values())
-        assert any("Text search is off" in str(getattr(block, "value", "")) for block in page.blocks.values())
         base = f"http://127.0.0.1:{port}"
         answer = httpx.get(f"{base}/api/search_text", params={"q": "red shirt"}, timeout=30)
         assert answer.status_code == 400 and "--text-loss-weight" in answer.json()["error"]
@@ -176,7 +178,7 @@ def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(
             Client(base + "/", verbose=False).predict("red shirt", "Any", "Any", "Any", "Any",
                                                       api_name="/search_text")
     finally:
-        page.close()
+        server.close()
 
 
 # --------------------------------------------------------------------------- 5. users' own catalogs
@@ -230,7 +232,7 @@ def test_a_dataset_without_images_is_one_clear_line_and_exit_code_2(trained_runs
                                                                      message):
     folder = write_dataset(tmp_path / "bad", columns)
     result = subprocess.run([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--dataset", str(folder),
-                             "--cache-dir", str(cache_dir)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             "--cache-dir", str(cache_dir), "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # beside datasets' bars
@@ -307,21 +309,16 @@ def test_a_full_batcher_refuses_at_once_and_no_request_waits_forever():
 def test_the_json_routes_answer_503_with_retry_after_when_full(served, monkeypatch):
     import httpx
 
-    monkeypatch.setattr(app, "MAX_PENDING", 0)
+    monkeypatch.setattr(json_api, "MAX_PENDING", 0)
     answer = httpx.get(served + "api/search_text", params={"q": "shirt"}, timeout=30)
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
     assert "busy, try again" in answer.json()["error"]
 
 
-def test_the_gradio_queue_is_bounded_and_its_cache_cleaned(served, service):
-    page = app.build_page(service)
-    assert page.delete_cache == app.CACHE_CLEANING
-    port = free_port()
-    page = app.serve(service, port=port, block=False, quiet=True)
-    try:
-        assert page._queue.max_size == app.MAX_PENDING
-    finally:
-        page.close()
+def test_the_gradio_queue_is_bounded_and_its_cache_cleaned(service):
+    mounted = page_app(service).routes[-1].app  # the Gradio app at the page's root
+    page = mounted.get_blocks()
+    assert page.delete_cache == CACHE_CLEANING and page._queue.max_size == json_api.MAX_PENDING
 
 
 def test_the_json_item_route_goes_through_the_gate(served, service):

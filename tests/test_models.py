@@ -266,6 +266,16 @@ def test_compiled_embedding_matches_eager_and_compiles_once():
     np.testing.assert_allclose(second, eager[:5], atol=1e-4)
     assert first.shape == (70, 512)
     assert embed.worth_compiling(5_000, 224) and not embed.worth_compiling(8_121, 64)
+    assert not embed.worth_compiling(100_000, 224, "cuda")  # eager at batches of hundreds: the compile would not pay
+
+
+def test_gpu_jobs_take_batches_of_hundreds_and_decode_on_every_core_but_one(monkeypatch):
+    from fashion_search import inference, runtime
+
+    assert inference.embed_batch("cpu") == inference.EMBED_BATCH < inference.embed_batch("cuda")
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 16)
+    assert (runtime.decode_threads(), runtime.decode_threads(beside="cuda"), runtime.decode_threads(beside="cpu")) \
+        == (16, 15, 1)
 
 
 def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monkeypatch, capsys):

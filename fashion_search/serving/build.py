@@ -5,6 +5,7 @@ on disk is embedded again rather than trusted, so a resumed build gives the inde
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,11 +14,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from fashion_search.data import cell_bytes, metadata_frame
+from fashion_search.data import decode_cells, metadata_frame
 from fashion_search.embed import job_embed
 from fashion_search.files import atomic_write, atomic_write_json
-from fashion_search.inference import EMBED_BATCH
-from fashion_search.serving.gate import decode_square
+from fashion_search.inference import embed_batch
+from fashion_search.runtime import decode_threads
 
 CHUNK = 2_048  # photos per chunk: a few seconds of work on a CPU, what a kill can lose
 
@@ -54,7 +55,8 @@ def write_chunk(folder: Path, index: int, vectors: np.ndarray, ok: np.ndarray):
 def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_chunk=None
                     ) -> tuple[np.ndarray, pd.DataFrame]:
     """Every decodable photo of the splits embedded with the encoder: (float32 [N, D], row metadata with split and
-    row), chunk by chunk, resuming from the chunks already in ``folder``. ``on_chunk(done, total)`` after each."""
+    row), chunk by chunk, resuming from the chunks already in ``folder``. ``on_chunk(done, total)``, in photos: once
+    before the first chunk is embedded (done: the photos of the chunks resumed from disk), then after each chunk."""
     from datasets import Image as ImageFeature
 
     folder = Path(folder)
@@ -64,29 +66,34 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
     places = [(name, row) for name, split in splits.items() for row in range(len(split))]
     chunks = [places[start:start + chunk] for start in range(0, len(places), chunk)]
 
-    def decode(part):  # uint8 [n, 3, S, S] of the decodable photos, and which ones they are
-        images, ok = [], np.zeros(len(part), dtype=bool)
-        for i, (name, row) in enumerate(part):
-            try:
-                images.append(decode_square(cell_bytes(raw[name][row]["image"]), encoder.image_size))
-                ok[i] = True
-            except (ValueError, OSError):  # refused or undecodable: left out of the catalog
-                pass
+    def decode(part):  # uint8 [n, 3, S, S] of the decodable photos (the others are left out), and which ones
+        cells = []
+        for name, rows in itertools.groupby(part, key=lambda place: place[0]):  # a chunk's rows are consecutive
+            rows = [row for _, row in rows]
+            cells += raw[name][rows[0]:rows[-1] + 1]["image"]
+        pixels = decode_cells(cells, encoder.image_size, decoders if threads > 1 else None)
+        ok = np.array([image is not None for image in pixels], dtype=bool)
         size = encoder.image_size
-        return (np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8)), ok
+        return (np.stack([p for p in pixels if p is not None]) if ok.any() else
+                np.zeros((0, 3, size, size), np.uint8)), ok
 
     found = {i: read_chunk(folder, i, len(part)) for i, part in enumerate(chunks)}
     todo = [i for i, value in found.items() if value is None]
     if todo and len(todo) < len(chunks):
         print(f"resuming the catalog build: {len(chunks) - len(todo)} of {len(chunks)} chunks already embedded")
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+    threads = decode_threads(beside=encoder.device)  # on a GPU, many: it embeds faster than one core decodes
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool, \
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as decoders:
         decoded = decode(chunks[todo[0]]) if todo else None
         # The job's graph (compiled, or int8 on a CPU with int8 units) is chosen for the whole catalog and calibrated
         # on its first chunk, whatever is left to embed: a resumed build computes what an uninterrupted one does.
         sample = [] if not todo else [decoded[0] if todo[0] == 0 else decode(chunks[0])[0]]
-        with job_embed(encoder, sample, encoder.device, encoder.dtype, EMBED_BATCH, total=len(places)) as compiled:
-            bar = tqdm(total=len(places), desc="embed catalog", unit="photo", disable=None)
-            bar.update(sum(len(chunks[i]) for i in found if found[i] is not None))
+        with job_embed(encoder, sample, encoder.device, encoder.dtype, embed_batch(encoder.device),
+                       total=len(places)) as compiled:
+            done = sum(len(chunks[i]) for i in found if found[i] is not None)
+            bar = tqdm(total=len(places), initial=done, desc="embed catalog", unit="photo", disable=None)
+            if on_chunk:
+                on_chunk(done, len(places))
             for position, index in enumerate(todo):
                 following = pool.submit(decode, chunks[todo[position + 1]]) if position + 1 < len(todo) else None
                 images, ok = decoded
@@ -94,9 +101,10 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
                     np.zeros((0, encoder.dim), np.float32)
                 write_chunk(folder, index, vectors.astype(np.float32), ok)
                 found[index] = (vectors, ok)
+                done += len(ok)
                 bar.update(len(ok))
                 if on_chunk:
-                    on_chunk(position + 1, len(todo))
+                    on_chunk(done, len(places))
                 decoded = following.result() if following else None
             bar.close()
     vectors = np.concatenate([found[i][0] for i in range(len(chunks))]) if chunks else np.zeros((0, encoder.dim))

@@ -18,6 +18,7 @@ from fashion_search.serving import duplicates
 from fashion_search.serving.build import embed_in_chunks
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
 from fashion_search.serving.errors import QueryError
+from fashion_search.serving.front import Startup
 from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Match, open_store
 
 TOP_K = 5
@@ -191,12 +192,15 @@ def dataset_image_bytes(splits: dict):
 
 
 def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str,
-                     index: str = "faiss", ray_actors: int = 0) -> Catalog:
+                     index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None) -> Catalog:
     """The fine-tuned run's own embeddings of every split (the whole catalog), or, with --dataset, that dataset
-    embedded with the run's model (by Ray actors with ray_actors), in the store ``index`` names."""
+    embedded with the run's model (by Ray actors with ray_actors), in the store ``index`` names. Each phase is
+    reported to ``progress``."""
+    progress = progress or Startup()
     if dataset:
         return catalog_from_dataset(dataset, encoder, run / "index", cache_dir, str(run / "hf_model"), index,
-                                    ray_actors)
+                                    ray_actors, progress)
+    progress.begin("loading the catalog")
     args = json.loads((run / "args.json").read_text())
     data, _ = load_processed(args["data"])
     paths = {split: run / "embeddings" / f"{split}.npy" for split in SPLITS}
@@ -215,6 +219,7 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
             raise UserError(f"{run}/embeddings have dimension {embeddings.shape[1]} but {run}/hf_model "
                             f"embeds to {encoder.dim}: the run's files do not belong together")
         keys, records = item_records(pd.concat([meta for _, meta in splits]))
+        progress.begin("building the index")
         store.build(built_from, keys, embeddings, records)
     return Catalog(store, PhotoSource(data, run / "index" / "photos"))
 
@@ -229,12 +234,14 @@ class EncoderEmbedder:
         return Encoder(self.model_path, self.device, int8=False).embed_pixels
 
 
-def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, chunks: Path, ray_actors: int = 0):
+def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, chunks: Path, ray_actors: int = 0,
+                  on_chunk=None):
     """Every decodable photo of a dataset's splits embedded with the encoder: (float32 [N, D], row metadata with
-    split and row). In this process, chunk by chunk through ``chunks`` (serving.build: resumable); with ray_actors,
-    by a pool of that many Ray actors over the decoded cache in ``cache_dir`` (--engine ray)."""
+    split and row). In this process, chunk by chunk through ``chunks`` (serving.build: resumable, telling
+    ``on_chunk(done, total)``); with ray_actors, by a pool of that many Ray actors over the decoded cache in
+    ``cache_dir`` (--engine ray)."""
     if not ray_actors:
-        return embed_in_chunks(splits, encoder, chunks)
+        return embed_in_chunks(splits, encoder, chunks, on_chunk=on_chunk)
     from fashion_search import ray_engine
 
     cached = {name: image_cache(split, encoder.image_size, cache_dir) for name, split in splits.items()}
@@ -248,9 +255,12 @@ def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, chunks: Path, 
 
 
 def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str,
-                         index: str = "faiss", ray_actors: int = 0):
+                         index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None):
     """Embed a whole dataset (hub name, hub-layout or processed folder, or a folder of image files) and index it;
-    the store keeps it (a FAISS store in index_dir), so a second start embeds nothing."""
+    the store keeps it (a FAISS store in index_dir), so a second start embeds nothing. Each phase, and the
+    embedding's photos done, is reported to ``progress``."""
+    progress = progress or Startup()
+    progress.begin("loading the catalog")
     splits = catalog_splits(spec)
     weights = sorted(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
     parts = {"model": file_sha256(weights[0]) if weights else model_id, "image_size": encoder.image_size,
@@ -259,8 +269,10 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     store = open_store(index, index_dir, encoder.dim, built_from)
     if store.fingerprint != built_from:
         chunks = Path(index_dir) / f"build-{built_from[:16]}"  # the embedded chunks, kept until the index is whole
-        embeddings, meta = embed_dataset(splits, encoder, cache_dir, chunks, ray_actors)
+        progress.begin("embedding the catalog" + (" on Ray" if ray_actors else ""))
+        embeddings, meta = embed_dataset(splits, encoder, cache_dir, chunks, ray_actors, progress.advance)
         keys, records = item_records(meta)
+        progress.begin("building the index")
         store.build(built_from, keys, embeddings, records)
         shutil.rmtree(chunks, ignore_errors=True)
     return Catalog(store, PhotoSource(splits, index_dir / "photos"))

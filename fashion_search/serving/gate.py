@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from fashion_search.serving.errors import Busy, QueryError
 from fashion_search.serving.headers import refused
 
 MAX_IMAGE_PIXELS = 40_000_000  # width x height from the header; a 40 MP RGBA decode is 160 MB
-DECODES_AT_ONCE = 2
+DECODES_AT_ONCE = max(2, min(16, os.cpu_count() or 2))  # one per core: a catalog build on a GPU decodes on many
 DECODE_MEMORY = 256 << 20  # what concurrent decodes may hold together (estimated from their headers)
 DECODE_WAIT = 10.0  # seconds a decode waits for its turn before the request is refused as busy
 MAX_ID_BYTES = 512  # as the Milvus key field (stores.milvus_store.KEY_LENGTH)

@@ -1,0 +1,103 @@
+"""The server's front: listening before the index is whole, it says how far the start has got (status, a page that
+reloads itself, 503 "index building" with Retry-After on every search route), then serves the JSON routes, then the
+page."""
+import shutil
+import time
+
+import httpx
+import pytest
+
+import app
+from conftest import free_port
+from fashion_search.errors import UserError
+from fashion_search.serving.front import MAX_RETRY_AFTER, Front, Server, Startup
+from fashion_search.serving.json_api import json_app
+from fashion_search.serving.page import page_app
+
+
+def test_startup_reports_the_phase_the_photos_done_and_the_time_left_from_this_starts_own_rate(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    startup = Startup()
+    assert startup.status()["state"] == "building" and startup.status()["seconds_left"] is None
+    startup.begin("embedding the catalog")
+    startup.advance(400, 1000)  # 400 resumed from disk: not this start's speed
+    clock[0] += 10
+    startup.advance(500, 1000)  # 100 photos in 10 s: 500 left, about 50 s
+    status = startup.status()
+    assert (status["done"], status["total"], status["seconds_left"]) == (500, 1000, 50.0)
+    assert startup.message() == "index building: embedding the catalog, 500 of 1,000 photos (50%), about 50 s left"
+    startup.begin("building the index")
+    assert startup.message() == "index building: building the index"
+    startup.ready(1000)
+    assert startup.status()["state"] == "ready" and startup.status()["items"] == 1000
+    assert [phase for phase, _ in startup.status()["timeline"]] == [
+        "listening", "embedding the catalog", "building the index", "ready"]
+
+
+def test_the_server_answers_from_the_start_then_serves_the_json_routes_then_the_page(service):
+    startup = Startup()
+    front = Front(startup)
+    port = free_port()
+    server = Server(front, "127.0.0.1", port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        startup.begin("embedding the catalog")
+        startup.advance(0, 100)
+        time.sleep(0.2)
+        startup.advance(50, 100)
+        status = httpx.get(f"{base}/api/status", timeout=10).json()
+        assert status["state"] == "building" and (status["done"], status["total"]) == (50, 100)
+        assert status["seconds_left"] > 0
+        for answer in (httpx.get(f"{base}/api/search_text", params={"q": "shirt"}, timeout=10),
+                       httpx.post(f"{base}/api/search_image", content=b"x", timeout=10),
+                       httpx.get(f"{base}/gradio_api/info", timeout=10)):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"].startswith("index building: embedding the catalog, 50 of 100 photos")
+            assert 1 <= int(answer.headers["Retry-After"]) <= MAX_RETRY_AFTER
+        page = httpx.get(base + "/", timeout=10)
+        assert page.status_code == 200 and 'http-equiv="refresh"' in page.text
+        assert '<progress max="100" value="50">' in page.text and "50 of 100 photos" in page.text
+
+        front.serve_api(json_app(service, 1 << 20), len(service.catalog))
+        answer = httpx.get(f"{base}/api/search_text", params={"q": "shirt"}, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 5
+        assert "the page is starting" in httpx.get(base + "/", timeout=10).text  # the JSON routes came first
+        assert httpx.get(f"{base}/api/status", timeout=10).json()["state"] == "ready"
+
+        front.serve_page(page_app(service))
+        page = httpx.get(base + "/", timeout=10)
+        assert page.status_code == 200 and "refresh" not in page.text and "gradio" in page.text.lower()
+        assert httpx.get(f"{base}/gradio_api/info", timeout=10).status_code == 200
+        assert httpx.get(f"{base}/api/status", timeout=10).json()["page"] == "serving"
+    finally:
+        server.close()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{base}/api/status", timeout=2)
+
+
+def test_a_port_in_use_is_one_clear_error():
+    port = free_port()
+    first = Server(Front(Startup()), "127.0.0.1", port)
+    try:
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}"):
+            Server(Front(Startup()), "127.0.0.1", port)
+    finally:
+        first.close()
+
+
+def test_a_first_start_reports_each_phase_and_the_embedding_photo_by_photo(trained_runs, hub_dataset, cache_dir,
+                                                                          tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    args = app.parse_args(["--run", str(run), "--dataset", str(hub_dataset), "--cache-dir", str(cache_dir)])
+    reports = []
+    startup = Startup()
+    advance = startup.advance
+    startup.advance = lambda done, total: (reports.append((done, total)), advance(done, total))
+    service, _ = app.load_service(args, startup)
+    phases = [phase for phase, _ in startup.status()["timeline"]]
+    assert phases == ["listening", "loading the model", "loading the catalog", "embedding the catalog",
+                      "building the index"]
+    assert reports[0] == (0, 70) and reports[-1] == (70, 70)  # 70 rows, one of them undecodable
+    assert len(service.catalog) == 69
