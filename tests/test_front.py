@@ -2,13 +2,16 @@
 reloads itself, 503 "index building" with Retry-After on every search route), then serves the JSON routes, then the
 page."""
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 import app
-from conftest import free_port
+from conftest import child_env, free_port
 from fashion_search.errors import UserError
 from fashion_search.serving.front import MAX_RETRY_AFTER, Front, Server, Startup
 from fashion_search.serving.json_api import json_app
@@ -16,6 +19,7 @@ from fashion_search.serving.page import page_app
 
 
 def test_startup_reports_the_phase_the_photos_done_and_the_time_left_from_this_starts_own_rate(monkeypatch):
+    """Chunks resumed from disk are not speed, and neither is the first chunk once a second is done."""
     clock = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     startup = Startup()
@@ -27,6 +31,9 @@ def test_startup_reports_the_phase_the_photos_done_and_the_time_left_from_this_s
     status = startup.status()
     assert (status["done"], status["total"], status["seconds_left"]) == (500, 1000, 50.0)
     assert startup.message() == "index building: embedding the catalog, 500 of 1,000 photos (50%), about 50 s left"
+    clock[0] += 2
+    startup.advance(600, 1000)  # from the end of the first chunk (which paid for the compile): 50 photos/s
+    assert startup.status()["seconds_left"] == 8.0
     startup.begin("building the index")
     assert startup.message() == "index building: building the index"
     startup.ready(1000)
@@ -101,3 +108,27 @@ def test_a_first_start_reports_each_phase_and_the_embedding_photo_by_photo(train
                       "building the index"]
     assert reports[0] == (0, 70) and reports[-1] == (70, 70)  # 70 rows, one of them undecodable
     assert len(service.catalog) == 69
+
+
+def test_no_page_serves_the_json_routes_alone(trained_runs, cache_dir):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--cache-dir",
+                                str(cache_dir), "--no-compile", "--no-page", "--port", str(port)],
+                               cwd=Path(__file__).resolve().parents[1], env=child_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        status = {}
+        while time.monotonic() < deadline and status.get("state") != "ready":
+            assert process.poll() is None, process.stderr.read()[-2000:]
+            try:
+                status = httpx.get(f"{base}/api/status", timeout=5).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert status["state"] == "ready" and status["page"] == "off"
+        assert httpx.get(f"{base}/api/search_text", params={"q": "shirt"}, timeout=30).status_code == 200
+        assert "JSON API alone" in httpx.get(base + "/", timeout=10).text
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -26,27 +26,28 @@ PAGE_START_TIMEOUT = 120
 
 class Startup:
     """Where a start has got: its phase, and while the catalog is embedded, photos done of total and about how long
-    is left (from this start's own rate: chunks resumed from disk do not count as speed). Written by the loading
-    thread, read by the server's: every change is one assignment under a lock."""
+    is left, from this start's own rate (chunks resumed from disk do not count as speed; once two chunks are done,
+    the rate is read from the end of the first, which also paid for compiling the graph). Written by the loading
+    thread, read by the server's, under a lock."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.state, self.phase = "building", "starting"
         self.done = self.total = self.items = None
-        self._since = None  # (monotonic time, done) at this start's first progress report
+        self._reports = []  # (monotonic time, done) of this phase's first two progress reports
         self.page = "starting"  # then "serving", or "off" (app.py --no-page)
         self.timeline = [("listening", time.time())]  # (phase, wall-clock time it began): where a start's time goes
 
     def begin(self, phase: str):
         with self._lock:
-            self.phase, self.done, self.total, self._since = phase, None, None, None
+            self.phase, self.done, self.total, self._reports = phase, None, None, []
             self.timeline.append((phase, time.time()))
 
     def advance(self, done: int, total: int):
         """``done`` of ``total`` photos embedded (the first call may count chunks resumed from disk)."""
         with self._lock:
-            if self._since is None:
-                self._since = (time.monotonic(), done)
+            if len(self._reports) < 2:
+                self._reports.append((time.monotonic(), done))
             self.done, self.total = done, total
 
     def ready(self, items: int):
@@ -68,9 +69,9 @@ class Startup:
             self.state, self.phase = "failed", message
 
     def seconds_left(self) -> float | None:
-        if self._since is None or self.done is None or not self.total:
+        if not self._reports or not self.total:
             return None
-        started, first = self._since
+        started, first = self._reports[1] if self.done > self._reports[-1][1] else self._reports[0]
         rate = (self.done - first) / max(time.monotonic() - started, 1e-9)
         return (self.total - self.done) / rate if rate > 0 else None
 
