@@ -91,14 +91,16 @@ def main(argv=None):
     app_args = [a for a in args.app_args if a != "--"]
     if args.clear:
         shutil.rmtree(args.clear, ignore_errors=True)
-    starts = [("first (builds and saves)", None)]
+    starts = [("first (builds and saves)" if args.clear else "first (reuses what is on disk)", None)]
     if args.kill_at is not None:
-        starts = [(f"first, killed at {args.kill_at:.0%} embedded", args.kill_at), ("resumed", None)]
+        starts = [("first, killed", args.kill_at), ("resumed", None)]
     starts.append(("second (reuses)", None))
     print("Seconds from launch at which each phase began, and to the first answer:\n")
     print(f"| start | {' | '.join(PHASES)} | first answer | RSS MB |\n|---|{'---:|' * (len(PHASES) + 2)}")
     for label, kill_at in starts:
         figures = start_once(app_args, args.port, args.timeout, kill_at)
+        if "killed at" in figures:  # the share embedded when the kill came (a whole number of chunks)
+            label = f"first, killed with SIGKILL at {figures['killed at']:.0%} embedded"
         cells = [f"{figures[p]:.1f}" if p in figures else "–" for p in (*PHASES, "first answer")]
         rss = f"{figures['RSS MB']:.0f}" if "RSS MB" in figures else "–"
         print(f"| {label} | {' | '.join(cells)} | {rss} |", flush=True)

@@ -62,6 +62,27 @@ def file_sha256(path, chunk=1 << 22) -> str:
     return digest.hexdigest()
 
 
+def remembered_sha256(path, ledger) -> str:
+    """file_sha256 of ``path``, remembered in the JSON file ``ledger`` against the file's size and modification time
+    in ns (what make and git trust): a second start need not read a model of hundreds of MB again to fingerprint its
+    index. A ledger that cannot be read is started anew; one that cannot be written is only not updated."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    try:
+        known = json.loads(Path(ledger).read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path)) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = file_sha256(path)
+    known = {**(known if isinstance(known, dict) else {}), str(path): {"stamp": stamp, "sha256": digest}}
+    with contextlib.suppress(OSError):
+        atomic_write_json(ledger, known)
+    return digest
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)

@@ -157,3 +157,24 @@ def test_index_type_follows_catalog_size():
     assert hasattr(large, "hnsw") and large.hnsw.efSearch == index.hnsw_ef_search(len(vectors))
     _, found = large.search(vectors[:50], 1)
     assert (found[:, 0] == np.arange(50)).mean() >= 0.98  # each vector finds itself
+
+
+def test_a_files_hash_is_remembered_until_its_size_or_time_changes(tmp_path, monkeypatch):
+    """A second start fingerprints its index without reading the model again; a rewritten file is hashed anew, and a
+    ledger that is not JSON is started over."""
+    import hashlib
+
+    from fashion_search import files
+
+    model, ledger = tmp_path / "model.safetensors", tmp_path / "index" / "sha256.json"
+    model.write_bytes(b"weights v1")
+    reads = []
+    original = files.file_sha256
+    monkeypatch.setattr(files, "file_sha256", lambda path: reads.append(path) or original(path))
+    first = files.remembered_sha256(model, ledger)
+    assert first == hashlib.sha256(b"weights v1").hexdigest() and len(reads) == 1
+    assert files.remembered_sha256(model, ledger) == first and len(reads) == 1  # remembered
+    model.write_bytes(b"weights v2!")
+    assert files.remembered_sha256(model, ledger) == hashlib.sha256(b"weights v2!").hexdigest() and len(reads) == 2
+    ledger.write_text("not json")
+    assert files.remembered_sha256(model, ledger) == hashlib.sha256(b"weights v2!").hexdigest() and len(reads) == 3

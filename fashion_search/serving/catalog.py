@@ -11,7 +11,7 @@ import pandas as pd
 
 from fashion_search.data import SPLITS, catalog_splits, cell_bytes, image_cache, load_processed, metadata_frame
 from fashion_search.errors import UserError
-from fashion_search.files import file_sha256, fingerprint
+from fashion_search.files import fingerprint, remembered_sha256
 from fashion_search.serving.gate import decode_square, item_id
 from fashion_search.runs import load_split
 from fashion_search.serving import duplicates
@@ -44,6 +44,7 @@ def split_values(value) -> list[str]:
 
 RESULT_FIELDS = ("id", "productDisplayName", "articleType", "baseColour", "gender")
 RECORDS_VERSION = 2  # part of a catalog's fingerprint: 2 = records carry every metadata column (any one filters)
+HASH_LEDGER = "sha256.json"  # beside the index: the hashes of the files it was built from (files.remembered_sha256)
 
 
 class Catalog:
@@ -207,8 +208,9 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
     for path in paths.values():
         if not path.exists():
             raise UserError(f"{path} is missing: rerun clip.py or pass --dataset")
-    parts = {split: file_sha256(path) for split, path in paths.items()}
-    parts["model"] = file_sha256(next((run / "hf_model").glob("*.safetensors")))
+    ledger = run / "index" / HASH_LEDGER
+    parts = {split: remembered_sha256(path, ledger) for split, path in paths.items()}
+    parts["model"] = remembered_sha256(next((run / "hf_model").glob("*.safetensors")), ledger)
     parts["records"] = RECORDS_VERSION
     built_from = fingerprint(parts)
     store = open_store(index, run / "index", encoder.dim, built_from)
@@ -263,7 +265,8 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     progress.begin("loading the catalog")
     splits = catalog_splits(spec)
     weights = sorted(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
-    parts = {"model": file_sha256(weights[0]) if weights else model_id, "image_size": encoder.image_size,
+    parts = {"model": remembered_sha256(weights[0], Path(index_dir) / HASH_LEDGER) if weights else model_id,
+             "image_size": encoder.image_size,
              "records": RECORDS_VERSION, **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
     built_from = fingerprint(parts)
     store = open_store(index, index_dir, encoder.dim, built_from)
