@@ -71,7 +71,7 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
         for name, rows in itertools.groupby(part, key=lambda place: place[0]):  # a chunk's rows are consecutive
             rows = [row for _, row in rows]
             cells += raw[name][rows[0]:rows[-1] + 1]["image"]
-        pixels = decode_cells(cells, encoder.image_size, decoders if threads > 1 else None)
+        pixels = decode_cells(cells, encoder.image_size, decoders)
         ok = np.array([image is not None for image in pixels], dtype=bool)
         size = encoder.image_size
         return (np.stack([p for p in pixels if p is not None]) if ok.any() else
@@ -81,9 +81,9 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
     todo = [i for i, value in found.items() if value is None]
     if todo and len(todo) < len(chunks):
         print(f"resuming the catalog build: {len(chunks) - len(todo)} of {len(chunks)} chunks already embedded")
-    threads = decode_threads(beside=encoder.device)  # on a GPU, many: it embeds faster than one core decodes
+    # Beside a GPU, many decode threads: it embeds faster than one core decodes; beside a CPU model, one.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool, \
-            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as decoders:
+            ThreadPoolExecutor(decode_threads(beside=encoder.device), thread_name_prefix="decode") as decoders:
         decoded = decode(chunks[todo[0]]) if todo else None
         # The job's graph (compiled, or int8 on a CPU with int8 units) is chosen for the whole catalog and calibrated
         # on its first chunk, whatever is left to embed: a resumed build computes what an uninterrupted one does.

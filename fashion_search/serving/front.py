@@ -82,8 +82,9 @@ class Startup:
                     "seconds_left": None if left is None else round(left, 1), "items": self.items, "page": self.page,
                     "timeline": [[phase, round(at, 3)] for phase, at in self.timeline]}
 
-    def message(self) -> str:
-        status = self.status()
+    def message(self, status: dict | None = None) -> str:
+        """What a search is answered while the start is not through (``status``: one already read)."""
+        status = status or self.status()
         if status["state"] == "failed":
             return f"the start failed: {status['phase']}"
         text = f"index building: {status['phase']}"
@@ -121,20 +122,20 @@ class Front:
             return await app(scope, receive, send)
         if scope["type"] != "http":  # a websocket before the page is up
             return await send({"type": "websocket.close", "code": 1013})
-        if path == "/" and self.startup.state != "failed":
-            response = HTMLResponse(self.progress_page())
+        status = self.startup.status()
+        if path == "/" and status["state"] != "failed":
+            response = HTMLResponse(self.progress_page(status))
         else:
-            left = self.startup.status()["seconds_left"]
+            left = status["seconds_left"]
             retry = 5 if left is None else min(max(int(left), 1), MAX_RETRY_AFTER)
-            response = JSONResponse({"error": self.startup.message(), "status": self.startup.status()},
-                                    status_code=503, headers={"Retry-After": str(retry)})
+            response = JSONResponse({"error": self.startup.message(status), "status": status}, status_code=503,
+                                    headers={"Retry-After": str(retry)})
         await response(scope, receive, send)
 
-    def progress_page(self) -> str:
-        status = self.startup.status()
+    def progress_page(self, status: dict) -> str:
         bar = f'<progress max="{status["total"]}" value="{status["done"]}"></progress>' if status["total"] else ""
         if status["state"] != "ready":
-            message = html.escape(self.startup.message())
+            message = html.escape(self.startup.message(status))
         elif status["page"] == "off":
             message = "This server answers the JSON API alone (app.py --no-page): POST /api/search and the others."
         else:
