@@ -14,6 +14,7 @@ from pathlib import Path
 from fashion_search import calibration, combiner
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
+from fashion_search.photos import pool as photos
 from fashion_search.runtime import device_arg, positive_int
 from fashion_search.serving.catalog import calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
@@ -72,6 +73,7 @@ def load_service(args, startup: Startup | None = None) -> tuple[SearchService, s
     ``startup``."""
     startup = startup or Startup()
     run = Path(args.run)
+    photos.POOL.start()  # the decode workers start while the model loads
     startup.begin("loading the model")
     if (run / "hf_model" / "config.json").exists():
         encoder = Encoder(str(run / "hf_model"), args.device, args.int8)

@@ -1,6 +1,7 @@
 """Add products to, or remove them from, the catalog a clip.py run serves, without rebuilding its index. A running
 app sees the change at its next query (the FAISS store: a new version on disk; Milvus: within the server's
-staleness bound, seconds).
+staleness bound, seconds). It works on the catalog the app serves: the run's own, or the app's --dataset (given
+here too, or read from the index); an index that holds another catalog is refused, and nothing is written.
 
 Usage:
   python catalog.py add --run runs/clip [--index faiss] ITEMS     (ITEMS: a folder of photos, or a dataset folder)
@@ -22,8 +23,9 @@ from fashion_search.runtime import device_arg
 from fashion_search.serving.catalog import catalog_from_run, dataset_image_bytes, embed_dataset, item_records
 from fashion_search.serving.duplicates import DUPLICATE_COSINE, catalog_groups
 from fashion_search.serving.encoder import Encoder
-from fashion_search.serving.errors import QueryError
+from fashion_search.errors import QueryError
 from fashion_search.serving.gate import item_id
+from fashion_search.stores import OtherCatalog
 
 
 def parse_args(argv=None):
@@ -43,6 +45,8 @@ def parse_args(argv=None):
         command.add_argument("--run", default="runs/clip", help="the clip.py run whose catalog is updated")
         command.add_argument("--index", default="faiss", help="the app's --index: faiss, milvus:PATH.db or "
                              "milvus://HOST:PORT/COLLECTION")
+        command.add_argument("--dataset", default=None, help="the app's --dataset, where it serves one (default: the "
+                             "catalog the index holds)")
         command.add_argument("--device", type=device_arg, default="cpu")
         command.add_argument("--cache-dir", default="data/cache")
         if name == "duplicates":
@@ -94,13 +98,27 @@ def remove(catalog, ids):
     print(f"removed {removed:,} items: the catalog holds {catalog.store.count():,}")
 
 
+def open_catalog(run: Path, encoder, dataset: str | None, cache_dir: str, index: str):
+    """The catalog the app serves from this run's index: built first if the index is new; with no --dataset, the one
+    the index holds (the run's own, or the dataset the app was given). An index of another catalog than --dataset
+    is refused (stores.OtherCatalog), never rebuilt."""
+    try:
+        return catalog_from_run(run, encoder, dataset, cache_dir, index, rebuild=False)
+    except OtherCatalog as exc:
+        if dataset or not exc.source.startswith("dataset:"):
+            raise
+        held = exc.source.removeprefix("dataset:")
+    print(f"the index holds the catalog of dataset {held}")
+    return catalog_from_run(run, encoder, held, cache_dir, index, rebuild=False)
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = Path(args.run)
     if not (run / "hf_model" / "config.json").exists():
         raise UserError(f"{run} is not a clip.py run (no hf_model/config.json)")
     encoder = Encoder(str(run / "hf_model"), args.device, int8=False)
-    catalog = catalog_from_run(run, encoder, None, args.cache_dir, args.index)  # builds the base catalog if needed
+    catalog = open_catalog(run, encoder, args.dataset, args.cache_dir, args.index)
     if args.command == "add":
         add(catalog, encoder, args.items, args.cache_dir)
     elif args.command == "remove":

@@ -9,15 +9,16 @@ import argparse
 import shutil
 import tempfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from fashion_search.data import HUB_DATASET, cell_bytes, load_raw_dataset
+from fashion_search.data import HUB_DATASET, decode_cells, load_raw_dataset, report_left_out
 from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write_json
-from fashion_search.serving.gate import decode_square
+from fashion_search.runtime import decode_threads
 
 
 def parse_args(argv=None):
@@ -40,18 +41,18 @@ def parse_args(argv=None):
 
 
 def decodable_rows(dataset) -> np.ndarray:
-    """Indices of rows whose image decodes (truncated, corrupt or non-image bytes are dropped, not fatal)."""
+    """Indices of rows whose image decodes (truncated, corrupt, missing or refused images are dropped, not fatal,
+    and counted with their reasons)."""
     from datasets import Image as ImageFeature
 
     raw = dataset.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
-    keep = []
-    for start in tqdm(range(0, len(raw), 1000), desc="check images", unit="batch", leave=False, disable=None):
-        for offset, cell in enumerate(raw[start:start + 1000]["image"]):
-            try:
-                decode_square(cell_bytes(cell), 32)  # the training decoder; at 32 px JPEG draft mode makes it cheap
-                keep.append(start + offset)
-            except (ValueError, OSError):  # refused by the gate (QueryError), or a missing file
-                pass
+    keep, left_out = [], Counter()
+    with ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode") as pool:
+        for start in tqdm(range(0, len(raw), 1000), desc="check images", unit="batch", leave=False, disable=None):
+            # the training decoder; at 32 px JPEG draft mode makes it cheap
+            pixels = decode_cells(raw[start:start + 1000]["image"], 32, pool, left_out)
+            keep += [start + offset for offset, image in enumerate(pixels) if image is not None]
+    report_left_out(left_out, "the image check")
     return np.asarray(keep, dtype=np.int64)
 
 

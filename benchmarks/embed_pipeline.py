@@ -19,7 +19,11 @@ from PIL import Image, ImageDraw
 
 from embed_throughput import Wrapped, build, sync
 from fashion_search import inference, runtime
-from fashion_search.serving import gate
+from fashion_search.data import decode_cells
+from fashion_search.photos.headers import read as read_header
+from fashion_search.photos.pool import WORKERS as pool_size
+from fashion_search.photos.pool import decode_square
+from fashion_search.photos.worker import decode as decode_header
 from fashion_search.serving.build import embed_in_chunks
 from fashion_search.transforms import normalize
 
@@ -70,12 +74,16 @@ def stages(name, photos, device, batch):
         job.to(torch.bfloat16)  # as the app's Encoder: bf16 weights for the ViT
     threads = runtime.decode_threads(beside=device)
     figures = {"decode threads": threads}
-    figures["decode, 1 thread"] = rate(len(photos), lambda: [gate.decode_square(p, 224) for p in photos], device)
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            figures[f"decode, {threads} threads"] = rate(
-                len(photos), lambda: list(pool.map(lambda p: gate.decode_square(p, 224), photos)), device)
-    pixels = np.stack([gate.decode_square(p, 224) for p in photos[:batch]])
+    headers = [read_header(p) for p in photos]
+    figures["decode in this process, 1 thread (no pool)"] = rate(
+        len(photos), lambda: [decode_header(h, 224) for h in headers], device)
+    cells = [{"bytes": p, "path": None} for p in photos]
+    decode_cells(cells[:pool_size], 224)  # the workers start before the clock does
+    for count in sorted({1, threads}):
+        with ThreadPoolExecutor(count) as pool:  # as the build decodes: batches of photos, one worker task each
+            figures[f"decode in the worker pool ({pool_size} workers), threads: {count}"] = rate(
+                len(photos), lambda: decode_cells(cells, 224, pool), device)
+    pixels = np.stack([decode_square(p, 224) for p in photos[:batch]])
     host = torch.from_numpy(pixels)
     rounds = max(1, len(photos) // batch)
     if device.type == "cuda":

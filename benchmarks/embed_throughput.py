@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from fashion_search import accel, backbones, inference, runtime
-from fashion_search.serving import gate
+from fashion_search.photos import pool as photos
 from fashion_search.model import EmbeddingModel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-product-images-small"
@@ -153,7 +153,7 @@ def main(argv=None):
             wrapped.to(memory_format=torch.channels_last)
         def decode_and_embed(blobs, compiled=None):  # -> seconds spent decoding
             started = time.perf_counter()
-            pixels = np.stack([gate.decode_square(d, size) for d in blobs])
+            pixels = np.stack([photos.decode_square(d, size) for d in blobs])
             decoded = time.perf_counter()
             inference.embed_images(wrapped, pixels, device, dtype, args.batch_size, progress=False, compiled=compiled)
             return decoded - started
@@ -175,7 +175,7 @@ def main(argv=None):
         int8, int8_setup = None, 0.0
         if device.type == "cpu" and runtime.cpu_supports_int8():
             started = time.perf_counter()
-            first = np.stack([gate.decode_square(d, size) for d in data[:args.batch_size]])
+            first = np.stack([photos.decode_square(d, size) for d in data[:args.batch_size]])
             graph = accel.int8_embed_graph(wrapped, first, args.batch_size, device, dtype)
             int8_setup = time.perf_counter() - started
             if graph is not None:

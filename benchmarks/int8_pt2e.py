@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fashion_search import accel, backbones, checkpoint, data, errors, inference, pipeline, transforms
-from fashion_search.serving import gate
+from fashion_search.photos import pool as photos
 from embed_throughput import jpegs  # product photos of the shared data set, or random ones
 
 
@@ -65,7 +65,7 @@ def speed(args):
 
     clip = backbones.load_pretrained(CLIPModel.from_pretrained, args.model, "CLIP model").eval()
     size = clip.config.vision_config.image_size
-    photos = np.stack([gate.decode_square(data, size) for data in jpegs(128)])
+    photos = np.stack([photos.decode_square(data, size) for data in jpegs(128)])
     pixels = transforms.normalize(torch.from_numpy(np.array(photos, order="C")), backbones.CLIP_MEAN, backbones.CLIP_STD,
                               torch.device("cpu"))
     exact = run_embed(lambda x: backbones.clip_image_features(clip, x), pixels, len(pixels))  # fp32 weights, autocast

@@ -1,7 +1,7 @@
 """A bounded load run against the app on 127.0.0.1: N concurrent clients send a fixed number of requests, half
 through gradio_client and half through the JSON routes, 30 % of them bad (a text file named .jpg, an empty file,
 refused URLs, an unknown filter value, an empty description, a URL in place of an uploaded file, and the hostile
-photos of fashion_search.serving.hostile under the file names that made Gradio re-encode them). Counts server
+photos of benchmarks/hostile.py under the file names that made Gradio re-encode them). Counts server
 errors (anything but the app's own message for a bad request, or a wrong answer to a good one), checks that every
 bad request got its message (or, for a hostile photo the gate decodes safely, its results), and reports the good
 requests' latency, the app's resident memory after each quarter and the size of its temp folder at the start and
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from app_latency import photos
 
-from fashion_search.serving import hostile
+import hostile
 
 ANY = ("Any", "Any", "Any", "Any")  # gender, masterCategory, articleType, baseColour
 BAD_MESSAGES = ("not a readable image", "refused", "upload a photo", "type a description", "unknown baseColour",
@@ -38,6 +38,18 @@ def rss_mb(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def workers_mb(pid) -> float:
+    """The RSS of the app's child processes together: its decode workers."""
+    total = 0.0
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                total += rss_mb(child)
+            except OSError:  # a worker replaced meanwhile
+                pass
+    return total
 
 
 def folder_mb(folder):
@@ -134,7 +146,9 @@ def main(argv=None):
                 if not bad:
                     good_seconds.append(time.perf_counter() - started)
                 safe_hostile = kind in HOSTILE and HOSTILE[kind][2] == "results"
-                outcome = ("ok" if not bad else "bad answered") if (len(result) == 5 and (not bad or safe_hostile)) \
+                # results: 5, or fewer where the JSON route folds near-duplicates into one (a barely trained model
+                # embeds many products alike)
+                outcome = ("ok" if not bad else "bad answered") if (1 <= len(result) <= 5 and (not bad or safe_hostile)) \
                     else "server errors"
                 if outcome == "server errors":
                     failures.append((route, kind, f"unexpected result {result!r:.100}"))
@@ -148,7 +162,7 @@ def main(argv=None):
                 counts[outcome] += 1
                 done[0] += 1
                 if done[0] % (per_client * args.clients // 4) == 0:
-                    quarters.append(rss_mb(args.pid))
+                    quarters.append((rss_mb(args.pid), workers_mb(args.pid)))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(args.clients)]
@@ -164,7 +178,8 @@ def main(argv=None):
 
         p50, p99 = np.percentile(good_seconds, [50, 99]) * 1000
         print(f"good requests: p50 {p50:.0f} ms, p99 {p99:.0f} ms ({len(good_seconds)} answered)")
-    print("app resident memory after each quarter: " + ", ".join(f"{mb:.0f} MB" for mb in quarters))
+    print("app resident memory after each quarter (its decode workers' together): " +
+          ", ".join(f"{app:.0f} MB ({workers:.0f} MB)" for app, workers in quarters))
     print(f"temp folder: {temp_start:.1f} MB at the start, {folder_mb(args.temp_dir):.1f} MB at the end")
     for route, kind, message in failures[:10]:
         print(f"  server error on {route} {kind}: {message}")

@@ -24,13 +24,14 @@ from PIL import Image
 
 from fashion_search import composed
 from fashion_search.runs import load_split
-from fashion_search.serving import duplicates, gate
+from fashion_search.photos import pool as photos
+from fashion_search.serving import duplicates
 from fashion_search.serving.query import Part, Query
 
 
 def canvas(left: bytes, right: bytes) -> tuple[bytes, tuple, tuple]:
     """Two photos side by side on white: (PNG bytes, box of the left one, box of the right one)."""
-    a, b = gate.open_rgb(left), gate.open_rgb(right)
+    a, b = photos.open_rgb(left), photos.open_rgb(right)
     out = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), (255, 255, 255))
     out.paste(a, (0, 0))
     out.paste(b, (a.width, 0))
@@ -148,7 +149,7 @@ def main(argv=None):
     splits = [load_split(args.run, split) for split in ("train", "val", "test")]
     vectors = np.concatenate([v for v, _ in splits])
     all_keys = [str(v) for _, meta in splits for v in meta["id"]]
-    pixel_keys = [hashlib.sha256(gate.open_rgb(service.catalog.image_bytes(key)).tobytes()).hexdigest()
+    pixel_keys = [hashlib.sha256(photos.open_rgb(service.catalog.image_bytes(key)).tobytes()).hexdigest()
                   for key in all_keys]
     report["duplicates"] = duplicate_figures(vectors, pixel_keys, np.arange(len(splits[0][1])))
     print(json.dumps(report["duplicates"], indent=1), flush=True)

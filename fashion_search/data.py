@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fashion_search.errors import UserError
+from fashion_search.errors import QueryError, UserError
 from fashion_search.files import atomic_save_npy
 from fashion_search.runtime import decode_threads
-from fashion_search.serving.gate import decode_square
+from fashion_search.stores import RECORD_FIELDS
+from fashion_search.photos.pool import BATCH, decode_many
 
 HUB_DATASET = "ashraq/fashion-product-images-small"
 SPLITS = ("train", "val", "test")
@@ -62,6 +63,10 @@ def catalog_splits(spec: str) -> dict:
     data = load_raw_dataset(spec)
     splits = dict(data) if hasattr(data, "keys") else {"all": data}
     for name, split in splits.items():
+        taken = [column for column in RECORD_FIELDS if column in split.column_names]
+        if taken:
+            raise UserError(f"dataset {spec!r} has a column named {taken[0]!r}, a name the catalog gives a field of "
+                            f"its own records ({', '.join(RECORD_FIELDS)}): rename that column")
         if "image" not in split.column_names:
             raise UserError(f"dataset {spec!r} has no 'image' column (columns: {', '.join(split.column_names)}): "
                             f"a catalog needs its photos")
@@ -119,19 +124,46 @@ def metadata_frame(split_ds, split_name: str, every_column: bool = False):
 
 
 def cell_bytes(cell) -> bytes:
-    """The encoded image of a datasets Image cell read with decode=False: inline bytes, or the file they point to."""
+    """The encoded image of a datasets Image cell read with decode=False: inline bytes, or the file they point to.
+    QueryError for a row without an image."""
+    if not cell or (cell.get("bytes") is None and not cell.get("path")):
+        raise QueryError("the row has no image")
     return cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
 
 
-def decode_cells(cells, size: int, pool=None) -> list[np.ndarray | None]:
+def decode_cells(cells, size: int, pool=None, left_out: collections.Counter | None = None) -> list[np.ndarray | None]:
     """Image cells (read with decode=False) decoded through the gate to uint8 [3, S, S] each, None where the gate
-    refuses one or it cannot be read; in ``pool``'s threads when one is given."""
-    def one(cell):
+    refuses one or it cannot be read (its reason counted in ``left_out``); a batch of photos a worker task, the
+    batches in ``pool``'s threads when one is given. A decode waits for its turn however long it takes: a busy
+    moment never marks a good photo broken."""
+    def read(cell):
         try:
-            return decode_square(cell_bytes(cell), size)
-        except (ValueError, OSError):  # refused by the gate (QueryError), or a missing file
-            return None
-    return list(pool.map(one, cells)) if pool is not None else [one(cell) for cell in cells]
+            return cell_bytes(cell)
+        except QueryError as exc:
+            return exc
+        except OSError as exc:  # a missing file
+            return QueryError(f"cannot read its file ({exc.strerror})")
+
+    photos = [read(cell) for cell in cells]
+    readable = [i for i, photo in enumerate(photos) if not isinstance(photo, QueryError)]
+    batches = [readable[start:start + BATCH] for start in range(0, len(readable), BATCH)]
+
+    def one_batch(places):
+        return decode_many([photos[i] for i in places], size)
+    for places, answers in zip(batches, pool.map(one_batch, batches) if pool is not None else map(one_batch, batches)):
+        for place, answer in zip(places, answers):
+            photos[place] = answer
+    if left_out is not None:
+        left_out.update(str(photo) for photo in photos if isinstance(photo, QueryError))
+    return [None if isinstance(photo, QueryError) else photo for photo in photos]
+
+
+def report_left_out(left_out: collections.Counter, what: str):
+    """One line: how many photos ``what`` left out, and why (the commonest reasons first)."""
+    if left_out:
+        reasons = "; ".join(f"{count} x {reason}" for reason, count in left_out.most_common(3))
+        more = f"; and {len(left_out) - 3} other reasons" if len(left_out) > 3 else ""
+        print(f"{what} left out {sum(left_out.values())} photos: {reasons}{more}")
 
 
 def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]:
@@ -151,17 +183,18 @@ def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]
     os.close(fd)
     try:
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(raw), 3, size, size))
-        ok = np.ones(len(raw), dtype=bool)
+        ok, left_out = np.ones(len(raw), dtype=bool), collections.Counter()
         with ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode") as pool:
             for start in tqdm(range(0, len(raw), 512), desc=f"decode {size}px", unit="batch", leave=False,
                               disable=None):
-                for offset, pixels in enumerate(decode_cells(raw[start:start + 512]["image"], size, pool)):
+                for offset, pixels in enumerate(decode_cells(raw[start:start + 512]["image"], size, pool, left_out)):
                     if pixels is None:
                         ok[start + offset] = False
                     else:
                         images[start + offset] = pixels
         images.flush()
         del images
+        report_left_out(left_out, f"the {size}px image cache")
         atomic_save_npy(ok_path, ok)
         os.replace(tmp, images_path)
     except BaseException:

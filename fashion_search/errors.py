@@ -1,4 +1,5 @@
-"""Errors the user can fix, and the command-line wrapper that reports them in one line."""
+"""Errors the user can fix: a command's (UserError, reported in one line by ``cli``) and a query's (QueryError and
+its kinds, each carrying the HTTP status of the JSON routes)."""
 from __future__ import annotations
 
 import sys
@@ -20,3 +21,18 @@ def cli(main_fn):
         main_fn()
     except UserError as exc:
         fail(str(exc))
+
+
+class QueryError(ValueError):
+    """Bad or refused input: its message is shown on the page and raised to API clients as gr.Error."""
+    status = 400
+
+
+class Busy(QueryError):
+    """Too many requests are waiting: refused at once rather than queued without limit."""
+    status = 503
+
+
+class ModelFailure(QueryError):
+    """The model failed on the batch this request was in (the other batches are unaffected)."""
+    status = 500

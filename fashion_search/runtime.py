@@ -90,9 +90,14 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` (None: fp32, no autocast), without autocast's cache of cast weights. The cache is one
+    mutex for the process: a thread leaving autocast clears it holding that mutex and waits for the GIL to free the
+    cached tensors, while a thread tracing a graph (the app compiles its query path beside live queries) holds the
+    GIL and waits for the mutex, and the whole server stops. Our models use each weight once per forward pass: the
+    cache saved no casts."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
 @dataclasses.dataclass(frozen=True)

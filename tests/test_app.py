@@ -11,10 +11,10 @@ from PIL import Image
 import app
 from conftest import jpeg_bytes
 from fashion_search import accel
-from fashion_search.serving.gate import decode_square, open_rgb
+from fashion_search.photos.pool import decode_square, open_rgb
 from fashion_search.serving import catalog, gate
 from fashion_search.serving.encoder import QUERY_BATCH, Encoder
-from fashion_search.serving.errors import QueryError
+from fashion_search.errors import QueryError
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from fashion_search.images import square_uint8
-from fashion_search.serving.gate import decode_square
-from fashion_search.serving.errors import QueryError
+from fashion_search.photos.pool import decode_square
+from fashion_search.errors import QueryError
 
 
 def encode(image, fmt, **kwargs):

@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from fashion_search.serving.batching import MicroBatcher
-from fashion_search.serving.errors import ModelFailure, QueryError
+from fashion_search.errors import ModelFailure, QueryError
 
 
 def test_micro_batcher_answers_each_request_with_its_own_result():

@@ -80,9 +80,9 @@ def test_a_build_decoding_on_many_threads_gives_what_one_thread_gives(hub_datase
     serial, serial_meta, _ = build(hub_dataset, encoder, tmp_path / "serial")
     pools, original = [], build_module.decode_cells
 
-    def decode_cells(cells, size, pool=None):
+    def decode_cells(cells, size, pool=None, left_out=None):
         pools.append(pool)
-        return original(cells, size, pool)
+        return original(cells, size, pool, left_out)
     monkeypatch.setattr(build_module, "decode_cells", decode_cells)
     monkeypatch.setattr(build_module, "decode_threads", lambda beside: 3)  # as beside a GPU
     threaded, threaded_meta, _ = build(hub_dataset, encoder, tmp_path / "threaded")

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import jpeg_bytes
 from fashion_search.serving import fetch
-from fashion_search.serving.errors import QueryError
+from fashion_search.errors import QueryError
 
 
 @pytest.mark.parametrize("url", [

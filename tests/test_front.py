@@ -132,3 +132,64 @@ def test_no_page_serves_the_json_routes_alone(trained_runs, cache_dir):
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.mark.slow
+def test_a_start_compiling_beside_live_queries_answers_every_query_and_its_status_throughout(trained_runs, cache_dir,
+                                                                                            tmp_path):
+    """The query path compiles in a thread while photo queries already run eager (under autocast where the CPU has
+    bf16). Twice: queries from the first second through the whole compile each get an answer (results, or 503 while
+    the index is not whole), and /api/status answers all the while."""
+    import io
+    import threading
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, "JPEG")
+    photo = buffer.getvalue()
+    for start in range(2):
+        port, log_path = free_port(), tmp_path / f"app-{start}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--cache-dir",
+                                        str(cache_dir), "--port", str(port), "--no-page"],
+                                       cwd=Path(__file__).resolve().parents[1], env=child_env(), stdout=log,
+                                       stderr=subprocess.STDOUT)
+        base, stop, answered, slow = f"http://127.0.0.1:{port}", threading.Event(), [], []
+
+        def ask(route):
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    if route == "status":
+                        status = httpx.get(f"{base}/api/status", timeout=10).status_code
+                    else:
+                        status = httpx.post(f"{base}/api/search_image", content=photo, timeout=10).status_code
+                except httpx.ConnectError:
+                    time.sleep(0.05)  # not listening yet
+                    continue
+                except httpx.TimeoutException:
+                    status = "timeout"
+                answered.append((route, status))
+                if time.monotonic() - started > 5:
+                    slow.append((route, time.monotonic() - started))
+        clients = [threading.Thread(target=ask, args=(route,)) for route in ("status", "photo", "photo")]
+        for client in clients:
+            client.start()
+        try:
+            deadline = time.monotonic() + 240
+            while "compiled the image query path" not in log_path.read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, f"start {start} ended ({process.returncode}): " + \
+                    log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            time.sleep(2)  # queries on the compiled graphs too
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(20)
+            process.terminate()
+            process.wait(30)
+        assert "compiled the image query path" in log_path.read_text(), f"start {start}: " + \
+            log_path.read_text()[-3000:]
+        assert not slow and all(status in (200, 503) for _, status in answered), (slow, answered[-5:])
+        assert {status for route, status in answered if route == "photo"} >= {200}

@@ -23,7 +23,7 @@ from conftest import free_port, tiny_args
 from fashion_search.errors import UserError
 from fashion_search.serving import fetch, json_api
 from fashion_search.serving.batching import MicroBatcher
-from fashion_search.serving.errors import Busy, QueryError
+from fashion_search.errors import Busy, QueryError
 from fashion_search.serving.page import CACHE_CLEANING, build_page, page_app
 
 REPO = Path(__file__).resolve().parents[1]

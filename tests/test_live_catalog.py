@@ -110,7 +110,7 @@ def test_every_catalog_command_in_the_readme_runs_as_written(live, cache_dir, tm
 
 def test_a_replaced_photo_is_shown_anew_and_ids_are_stable(live, cache_dir, tmp_path, capsys):
     import catalog
-    from fashion_search.serving.gate import open_rgb
+    from fashion_search.photos.pool import open_rgb
 
     run, service = live
     folder = tmp_path / "v1"
@@ -168,3 +168,56 @@ def test_an_empty_catalog_answers_no_results(live, cache_dir):
     service.catalog.store.delete(ids)
     assert service.search_image_bytes(product_photo(0, (200, 30, 30), np.random.default_rng(0))) == []
     assert service.search_text("shirt") == []
+
+
+@pytest.mark.parametrize("index", ["faiss", "milvus"])
+def test_catalog_py_works_on_the_catalog_the_app_serves_and_refuses_another(trained_runs, cache_dir, tmp_path,
+                                                                          capsys, index):
+    """The app serves a --dataset catalog; catalog.py without --dataset reads that source from the index and adds to
+    it; with another --dataset it is refused and nothing is written; a restart keeps what was added."""
+    import app
+    import catalog
+    from conftest import make_hub_dataset
+
+    from fashion_search.stores import OtherCatalog
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    shop = make_hub_dataset(tmp_path / "shop", corrupt_rows=0)
+    spec = ["--index", f"milvus:{tmp_path / 'shop.db'}"] if index == "milvus" else ["--index", "faiss"]
+    argv = ["--run", str(run), "--cache-dir", str(cache_dir), "--dataset", str(shop), *spec]
+    service, _ = app.load_service(app.parse_args(argv))
+    served = len(service.catalog)
+    photos = new_photos(tmp_path / "new", count=3)
+    catalog.main(["add", str(tmp_path / "new"), "--run", str(run), "--cache-dir", str(cache_dir), *spec])
+    assert f"the index holds the catalog of dataset {shop.resolve()}" in capsys.readouterr().out
+    assert len(service.catalog) == served + 3
+    with pytest.raises(OtherCatalog, match="holds the catalog of dataset"):
+        catalog.main(["count", "--run", str(run), "--cache-dir", str(cache_dir), "--dataset", str(tmp_path / "new"),
+                      *spec])
+    with pytest.raises(OtherCatalog, match=f"holds the catalog of dataset:{shop.resolve()}, not of run"):
+        catalog.catalog_from_run(run, service.encoder, None, str(cache_dir), spec[1], rebuild=False)
+    assert len(service.catalog) == served + 3  # nothing written
+    again, _ = app.load_service(app.parse_args(argv))
+    assert len(again.catalog) == served + 3 and again.catalog.vector(next(iter(photos))) is not None
+    service.catalog.store.close()
+    again.catalog.store.close()
+
+
+def test_catalog_py_add_leaves_out_hostile_photos_and_says_why(live, cache_dir, tmp_path, capsys):
+    import hostile
+
+    import catalog
+
+    run, service = live
+    before = len(service.catalog)
+    folder = tmp_path / "feed"
+    new_photos(folder, count=2)
+    expected = 2
+    for i, (name, build, file_name, expect) in enumerate(hostile.CASES):
+        (folder / f"hostile-{i}{file_name[file_name.rindex('.'):]}").write_bytes(build())
+        expected += expect == "results"
+    catalog.main(["add", str(folder), "--run", str(run), "--cache-dir", str(cache_dir)])
+    out = capsys.readouterr().out
+    assert f"the catalog holds {before + expected}" in out, out
+    assert f"left out {len(hostile.CASES) - expected + 2} photos" in out and "too large" in out, out

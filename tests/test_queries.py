@@ -13,7 +13,7 @@ from PIL import Image
 
 from fashion_search import calibration
 from fashion_search.serving import duplicates
-from fashion_search.serving.errors import QueryError
+from fashion_search.errors import QueryError
 from fashion_search.serving.query import Part, Query, from_json
 from fashion_search.stores import Match
 

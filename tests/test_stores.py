@@ -4,6 +4,7 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -67,10 +68,10 @@ def brute_force(vectors, query, k, allowed=None):
 
 
 def built(spec, folder, count=60):
-    store = open_store(spec, folder, DIM, "fp-1")
+    store = open_store(spec, folder, DIM, "run#1")
     assert store.fingerprint == ""  # new: the caller fills it
     keys, vectors, records = items(count)
-    store.build("fp-1", keys, vectors, records)
+    store.build("run#1", keys, vectors, records)
     return store, keys, vectors, records
 
 
@@ -110,8 +111,8 @@ def test_upsert_replaces_and_a_reopened_store_keeps_its_items(spec):
     new_keys, new_vectors, new_records = items(3, start=1000, seed=1)
     store.upsert(new_keys + ["5"], np.vstack([new_vectors, vectors[6]]), new_records + [{**records[5], "id": 55}])
     store.close()
-    again = open_store(spec[0], spec[1], DIM, "fp-1")
-    assert again.fingerprint == "fp-1" and again.count() == len(keys) + 3
+    again = open_store(spec[0], spec[1], DIM, "run#1")
+    assert again.fingerprint == "run#1" and again.count() == len(keys) + 3
     assert again.search(new_vectors[1], 1)[0].key == "1001"
     vector, record = again.fetch("5")
     assert record["id"] == 55 and np.allclose(vector, vectors[6], atol=1e-6)  # replaced, not duplicated
@@ -124,10 +125,25 @@ def test_a_store_of_another_model_is_rebuilt_or_refused(spec):
     store, *_ = built(*spec)
     store.close()
     if spec[0] == "faiss":  # derived from the run: rebuilt
-        assert open_store(spec[0], spec[1], DIM, "fp-2").fingerprint == ""
+        assert open_store(spec[0], spec[1], DIM, "run#2").fingerprint == ""
     else:  # a collection may be shared: never dropped here
         with pytest.raises(UserError, match="holds another catalog"):
-            open_store(spec[0], spec[1], DIM, "fp-2")
+            open_store(spec[0], spec[1], DIM, "run#2")
+
+
+def test_a_store_of_another_source_is_refused_unchanged_where_no_rebuild_is_wanted(spec):
+    """catalog.py (rebuild=False) never empties the catalog an app serves from another source: it is refused, names
+    its source, and still holds every item afterwards."""
+    from fashion_search.stores import OtherCatalog
+
+    store, keys, *_ = built(*spec)
+    store.close()
+    with pytest.raises(OtherCatalog, match="holds the catalog of run, not of dataset:/data/shop") as caught:
+        open_store(spec[0], spec[1], DIM, "dataset:/data/shop#1", rebuild=False)
+    assert caught.value.source == "run"
+    again = open_store(spec[0], spec[1], DIM, "run#1", rebuild=False)
+    assert again.fingerprint == "run#1" and again.count() == len(keys)
+    again.close()
 
 
 # FAISS specifics: HNSW with tombstones, compaction, and a writer killed mid-update -------------------------------
@@ -163,7 +179,7 @@ def _slow_upsert(folder, pause):
         os.kill(os.getpid(), signal.SIGSTOP) if pause else None
 
     faiss.write_index = slow
-    store = open_store("faiss", folder, DIM, "fp-1")
+    store = open_store("faiss", folder, DIM, "run#1")
     keys, vectors, records = items(10, start=5000, seed=2)
     store.upsert(keys, vectors, records)
 
@@ -180,14 +196,14 @@ def test_a_writer_killed_mid_update_leaves_the_old_or_the_new_catalog(tmp_path):
         child.join(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
-    after = open_store("faiss", tmp_path, DIM, "fp-1")
+    after = open_store("faiss", tmp_path, DIM, "run#1")
     assert after.count() == len(keys)  # the old catalog: CURRENT never named the half-written version
-    assert after.fingerprint == "fp-1"
+    assert after.fingerprint == "run#1"
     assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the killed writer's half version
     writer = context.Process(target=_slow_upsert, args=(tmp_path, False))  # the next write lands whole
     writer.start()
     writer.join()
-    assert writer.exitcode == 0 and open_store("faiss", tmp_path, DIM, "fp-1").count() == len(keys) + 10
+    assert writer.exitcode == 0 and open_store("faiss", tmp_path, DIM, "run#1").count() == len(keys) + 10
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # and clears the leftovers
 
 
@@ -220,7 +236,7 @@ def test_ids_stay_data_found_by_their_own_id_and_removed_one_at_a_time(spec):
 
 
 def test_an_empty_store_answers_no_results(spec):
-    store = open_store(spec[0], spec[1], DIM, "fp-1")
+    store = open_store(spec[0], spec[1], DIM, "run#1")
     assert store.count() == 0 and store.search(np.ones(DIM, np.float32) / 4, 5) == []
 
 
@@ -249,8 +265,8 @@ def test_a_current_version_that_cannot_be_read_falls_back_to_the_newest_intact_o
                 shutil.rmtree(path, ignore_errors=True)
             return real(path, dim)
         monkeypatch.setattr(faiss_versions, "load_version", vanishing)
-    reopened = open_store("faiss", folder, DIM, "fp-1")
-    assert reopened.fingerprint == "fp-1"  # not empty: the app does not rebuild the base catalog over it
+    reopened = open_store("faiss", folder, DIM, "run#1")
+    assert reopened.fingerprint == "run#1"  # not empty: the app does not rebuild the base catalog over it
     assert reopened.count() == 13 and reopened.fetch("101") is not None
     assert "serving v000002, the newest version that reads" in capsys.readouterr().out
     reopened.upsert(*items(1, start=300, seed=3))
@@ -260,12 +276,11 @@ def test_a_current_version_that_cannot_be_read_falls_back_to_the_newest_intact_o
 
 
 def test_32_threads_searching_across_one_write_cause_one_load(tmp_path, monkeypatch):
-    import threading
     import time
 
     folder = tmp_path / "index"
     reader, keys, vectors, _ = built("faiss", folder, count=10)
-    writer = open_store("faiss", folder, DIM, "fp-1")
+    writer = open_store("faiss", folder, DIM, "run#1")
     loads, real = [], faiss_versions.load_version
 
     def slow_load(path, dim):
@@ -284,31 +299,39 @@ def test_32_threads_searching_across_one_write_cause_one_load(tmp_path, monkeypa
     assert loads == ["v000002"] and all(found) and len(found) == 32
 
 
-def test_a_failed_load_is_tried_again_at_the_next_query(tmp_path, monkeypatch):
+def test_a_version_that_fails_to_load_is_tried_once_until_current_changes(tmp_path, monkeypatch):
+    """A damaged current version costs one failed load, not one per query; the next write is loaded."""
     folder = tmp_path / "index"
     reader, *_ = built("faiss", folder, count=10)
-    open_store("faiss", folder, DIM, "fp-1").upsert(*items(2, start=500, seed=5))
-    real, failures = faiss_versions.load_version, [1]
+    writer = open_store("faiss", folder, DIM, "run#1")
+    writer.upsert(*items(2, start=500, seed=5))
+    real, loads = faiss_versions.load_version, []
 
-    def flaky(path, dim):
-        if failures:
-            failures.pop()
-            return None  # e.g. an I/O error
-        return real(path, dim)
-    monkeypatch.setattr(faiss_versions, "load_version", flaky)
-    assert reader.refresh() is False and reader.fetch("500") is None  # this query still sees the old version
-    assert reader.refresh() is True and reader.fetch("500") is not None  # the next one loads it
+    def damaged(path, dim):
+        loads.append(path.name)
+        return None if path.name == "v000002" else real(path, dim)
+    monkeypatch.setattr(faiss_versions, "load_version", damaged)
+    threads = [threading.Thread(target=reader.refresh) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for _ in range(100):
+        assert reader.refresh() is False and reader.fetch("500") is None  # queries keep the version they have
+    assert loads == ["v000002"]
+    writer.upsert(*items(2, start=600, seed=6))  # CURRENT changes: the new version is loaded
+    assert reader.refresh() is True and reader.fetch("600") is not None
 
 
 def test_filters_take_several_values_exclusions_and_any_column(spec):
     from fashion_search.stores import Match
 
-    store = open_store(*spec, DIM, "fp-1")
+    store = open_store(*spec, DIM, "run#1")
     keys, vectors, records = items(60)
     for i, record in enumerate(records):
         record["season"] = ("Summer", "Winter", "Fall")[i % 3]
         record["year"] = 2010.0 + i % 2
-    store.build("fp-1", keys, vectors, records)
+    store.build("run#1", keys, vectors, records)
     query = vectors[0]
     for filters, allowed in (
             ({"baseColour": Match(("Red", "Blue"))}, lambda r: r["baseColour"] in ("Red", "Blue")),
@@ -330,10 +353,10 @@ def test_pages_of_25_concatenated_equal_one_query_of_100(spec, request):
     name, folder = spec
     if "index=FLAT" in name and "catalog.db" not in name:  # the server: its HNSW index
         name = name.replace("index=FLAT", "index=HNSW")
-    store = open_store(name, folder, DIM, "fp-1")
+    store = open_store(name, folder, DIM, "run#1")
     count = 6000 if name == "faiss" else 400
     keys, vectors, records = items(count)
-    store.build("fp-1", keys, vectors, records)
+    store.build("run#1", keys, vectors, records)
     if name == "faiss":
         assert store.kind == "IndexHNSWFlat"
     for query in vectors[:3] + 0.05:

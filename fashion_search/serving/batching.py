@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from fashion_search.serving.errors import Busy, ModelFailure
+from fashion_search.errors import Busy, ModelFailure
 
 # Requests waiting at once, beyond which one more is refused ("busy, try again") rather than queued without limit:
 # enough for a burst from many clients, small enough that each waits seconds, not minutes. app.py bounds its routes

@@ -4,6 +4,7 @@ checksum. A build killed at any point resumes at the next start from the chunks 
 on disk is embedded again rather than trusted, so a resumed build gives the index an uninterrupted one gives."""
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from fashion_search.data import decode_cells, metadata_frame
+from fashion_search.data import decode_cells, metadata_frame, report_left_out
 from fashion_search.embed import job_embed
 from fashion_search.files import atomic_write, atomic_write_json
 from fashion_search.inference import embed_batch
@@ -65,13 +66,14 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
            for name, split in splits.items()}
     places = [(name, row) for name, split in splits.items() for row in range(len(split))]
     chunks = [places[start:start + chunk] for start in range(0, len(places), chunk)]
+    left_out = collections.Counter()
 
     def decode(part):  # uint8 [n, 3, S, S] of the decodable photos (the others are left out), and which ones
         cells = []
         for name, rows in itertools.groupby(part, key=lambda place: place[0]):  # a chunk's rows are consecutive
             rows = [row for _, row in rows]
             cells += raw[name][rows[0]:rows[-1] + 1]["image"]
-        pixels = decode_cells(cells, encoder.image_size, decoders)
+        pixels = decode_cells(cells, encoder.image_size, decoders, left_out)
         ok = np.array([image is not None for image in pixels], dtype=bool)
         size = encoder.image_size
         return (np.stack([p for p in pixels if p is not None]) if ok.any() else
@@ -107,6 +109,7 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
                     on_chunk(done, len(places))
                 decoded = following.result() if following else None
             bar.close()
+    report_left_out(left_out, "the catalog build")
     vectors = np.concatenate([found[i][0] for i in range(len(chunks))]) if chunks else np.zeros((0, encoder.dim))
     ok = np.concatenate([found[i][1] for i in range(len(chunks))]) if chunks else np.zeros(0, bool)
     metas, start = [], 0

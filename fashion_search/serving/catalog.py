@@ -12,14 +12,16 @@ import pandas as pd
 from fashion_search.data import SPLITS, catalog_splits, cell_bytes, image_cache, load_processed, metadata_frame
 from fashion_search.errors import UserError
 from fashion_search.files import fingerprint, remembered_sha256
-from fashion_search.serving.gate import decode_square, item_id
+from fashion_search.photos.pool import decode_square
+from fashion_search.serving import gate
+from fashion_search.serving.gate import item_id
 from fashion_search.runs import load_split
 from fashion_search.serving import duplicates
 from fashion_search.serving.build import embed_in_chunks
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
-from fashion_search.serving.errors import QueryError
+from fashion_search.errors import QueryError
 from fashion_search.serving.front import Startup
-from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Match, open_store
+from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Match, as_text, open_store
 
 TOP_K = 5
 MAX_K = 100  # results in one page
@@ -38,8 +40,8 @@ def split_values(value) -> list[str]:
     """Filter values as given: a list, or text with commas between several ("Red,Blue"); Any and blanks dropped."""
     if value is None:
         return []
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [text for part in parts if (text := str(part).strip()) and text != ANY]
+    parts = value if isinstance(value, (list, tuple)) else as_text(value).split(",")
+    return [text for part in parts if (text := as_text(part).strip()) and text != ANY]
 
 
 RESULT_FIELDS = ("id", "productDisplayName", "articleType", "baseColour", "gender")
@@ -53,7 +55,7 @@ class Catalog:
 
     def __init__(self, store, photos: "PhotoSource", duplicate_cosine: float = duplicates.DUPLICATE_COSINE):
         self.store, self.photos, self.duplicate_cosine = store, photos, duplicate_cosine
-        self._choices = self._read_choices()
+        self._refresh_choices()
 
     def _read_choices(self) -> dict:
         """Each filter column's values: the page's columns first, then the others; a column of more than MAX_CHOICES
@@ -61,6 +63,10 @@ class Catalog:
         values = self.store.values()
         order = [*FILTER_COLUMNS, *sorted(set(values) - set(FILTER_COLUMNS))]
         return {column: values[column] for column in order if 0 < len(values.get(column, ())) <= MAX_CHOICES}
+
+    def _refresh_choices(self):
+        self._choices = self._read_choices()
+        self._known = {column: frozenset(values) for column, values in self._choices.items()}
 
     def __len__(self):
         self.refresh()
@@ -82,25 +88,30 @@ class Catalog:
 
     def refresh(self):
         if self.store.refresh():
-            self._choices = self._read_choices()
+            self._refresh_choices()
 
     def check_filters(self, filters: dict) -> dict[str, Match]:
         """The filters that restrict, as Matches: a value, several (a list, or "Red,Blue"), or a Match (exclusions);
-        None, "" and Any restrict nothing. QueryError for a column the catalog lacks or a value it never holds,
-        naming the valid ones, rather than an empty result."""
+        None, "" and Any restrict nothing. Each column's values are counted once, and never more than the column
+        holds, so a filter costs at most the catalog's own choices. QueryError for a column the catalog lacks or a
+        value it never holds, naming the valid ones, rather than an empty result."""
         active = {}
         for column, value in filters.items():
+            gate.text(str(column), "a filter column")
             match = value if isinstance(value, Match) else Match(tuple(split_values(value)))
-            if not match.values:
+            values = tuple(dict.fromkeys(gate.text(one, f"a {column} filter value") for one in match.values))
+            if not values:
                 continue
             if column not in self._choices:
                 offered = ", ".join(self._choices) or "none"
                 raise QueryError(f"this catalog cannot be filtered by {str(column)[:100]} (filters: {offered})")
-            for one in match.values:
-                if one not in self._choices[column]:
+            if len(values) > len(self._known[column]):
+                raise QueryError(f"more {column} values than the catalog holds ({len(self._known[column])})")
+            for one in values:
+                if one not in self._known[column]:
                     raise QueryError(f"unknown {column} {one[:100]!r}; valid values: "
                                      f"{', '.join(self._choices[column])}")
-            active[column] = match
+            active[column] = Match(values, match.exclude)
         return active
 
     def search(self, vector: np.ndarray, filters: dict | None = None, k: int = TOP_K, offset: int = 0,
@@ -192,15 +203,24 @@ def dataset_image_bytes(splits: dict):
     return get
 
 
+def catalog_source(dataset: str | None) -> str:
+    """Where a catalog comes from, as its store remembers it: "run" (the run's own splits), or "dataset:" and the
+    dataset (a folder as its absolute path, so that the app and catalog.py name it alike from any folder)."""
+    if not dataset:
+        return "run"
+    return "dataset:" + (str(Path(dataset).resolve()) if Path(dataset).exists() else dataset)
+
+
 def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str,
-                     index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None) -> Catalog:
+                     index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None,
+                     rebuild: bool = True) -> Catalog:
     """The fine-tuned run's own embeddings of every split (the whole catalog), or, with --dataset, that dataset
     embedded with the run's model (by Ray actors with ray_actors), in the store ``index`` names. Each phase is
-    reported to ``progress``."""
+    reported to ``progress``. Without ``rebuild``, an index of another source is refused (stores.OtherCatalog)."""
     progress = progress or Startup()
     if dataset:
         return catalog_from_dataset(dataset, encoder, run / "index", cache_dir, str(run / "hf_model"), index,
-                                    ray_actors, progress)
+                                    ray_actors, progress, rebuild)
     progress.begin("loading the catalog")
     args = json.loads((run / "args.json").read_text())
     data, _ = load_processed(args["data"])
@@ -212,8 +232,8 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
     parts = {split: remembered_sha256(path, ledger) for split, path in paths.items()}
     parts["model"] = remembered_sha256(next((run / "hf_model").glob("*.safetensors")), ledger)
     parts["records"] = RECORDS_VERSION
-    built_from = fingerprint(parts)
-    store = open_store(index, run / "index", encoder.dim, built_from)
+    built_from = f"{catalog_source(None)}#{fingerprint(parts)}"
+    store = open_store(index, run / "index", encoder.dim, built_from, rebuild=rebuild)
     if store.fingerprint != built_from:  # new, or built from another model or catalog
         splits = [load_split(run, split) for split in SPLITS]
         embeddings = np.concatenate([vectors for vectors, _ in splits])
@@ -257,7 +277,8 @@ def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, chunks: Path, 
 
 
 def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str,
-                         index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None):
+                         index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None,
+                         rebuild: bool = True):
     """Embed a whole dataset (hub name, hub-layout or processed folder, or a folder of image files) and index it;
     the store keeps it (a FAISS store in index_dir), so a second start embeds nothing. Each phase, and the
     embedding's photos done, is reported to ``progress``."""
@@ -268,8 +289,8 @@ def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir
     parts = {"model": remembered_sha256(weights[0], Path(index_dir) / HASH_LEDGER) if weights else model_id,
              "image_size": encoder.image_size,
              "records": RECORDS_VERSION, **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
-    built_from = fingerprint(parts)
-    store = open_store(index, index_dir, encoder.dim, built_from)
+    built_from = f"{catalog_source(spec)}#{fingerprint(parts)}"
+    store = open_store(index, index_dir, encoder.dim, built_from, rebuild=rebuild)
     if store.fingerprint != built_from:
         chunks = Path(index_dir) / f"build-{built_from[:16]}"  # the embedded chunks, kept until the index is whole
         progress.begin("embedding the catalog" + (" on Ray" if ray_actors else ""))

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from fashion_search import backbones
-from fashion_search.serving.gate import MAX_BATCH, decode_square
+from fashion_search.photos.pool import decode_square
+from fashion_search.serving.gate import MAX_BATCH
 from fashion_search.inference import embed_images
 from fashion_search.runtime import autocast_dtype, resolve_device
 from fashion_search.serving.batching import MAX_PENDING, MicroBatcher
-from fashion_search.serving.errors import QueryError
+from fashion_search.errors import QueryError
 from fashion_search.files import read_json
 
 HUB_MODEL = "openai/clip-vit-base-patch32"

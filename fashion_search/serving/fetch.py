@@ -10,7 +10,7 @@ import threading
 import time
 from urllib.parse import urljoin, urlsplit
 
-from fashion_search.serving.errors import QueryError
+from fashion_search.errors import QueryError
 
 MAX_DOWNLOAD_BYTES = 10 * 1024 * 1024
 MAX_REDIRECTS = 3
@@ -120,12 +120,13 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         self.sock = ssl.create_default_context().wrap_socket(self._open(), server_hostname=self.host)
 
 
-def fetch_url(url: str, allow_private: bool = False, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
+def fetch_url(url: str, allow_private: bool = False, max_bytes: int = MAX_DOWNLOAD_BYTES,
+              deadline: Deadline | None = None) -> bytes:
     """GET an image over http(s) with every guard a public server needs: scheme check, public-address check on
     every hop (at most MAX_REDIRECTS redirects), connect and read timeouts, one TOTAL_TIMEOUT deadline over the
-    whole fetch, a streamed size cap."""
+    whole fetch (or ``deadline``, shared by the fetches of one query), a streamed size cap."""
     url = (url or "").strip()
-    deadline = Deadline(TOTAL_TIMEOUT)
+    deadline = deadline or Deadline(TOTAL_TIMEOUT)
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):

@@ -2,10 +2,10 @@
 searched by in turn, and "more results". Gradio is imported only here, when the page is built."""
 from __future__ import annotations
 
-from fashion_search.serving.catalog import ANY
-from fashion_search.serving.errors import QueryError
+from fashion_search.serving.catalog import ANY, MAX_K
+from fashion_search.errors import QueryError
 from fashion_search.serving.json_api import MAX_PENDING
-from fashion_search.serving.service import SearchService
+from fashion_search.serving.service import SearchService, shown
 
 # Gradio's cache of uploads and of files it served: every 10 minutes, files older than an hour are removed.
 CACHE_CLEANING = (600, 3600)
@@ -98,7 +98,7 @@ def remembered(service: SearchService, name: str):
     return call
 
 
-def build_page(service: SearchService, notice: str = ""):
+def build_page(service: SearchService, notice: str = "", max_upload_mb: int = 10):
     import gradio as gr
 
     catalog = service.catalog
@@ -122,17 +122,17 @@ def build_page(service: SearchService, notice: str = ""):
         for trigger, name, sources, api_name in routes:
             trigger(guarded(remembered(service, name)), [*sources, *filters], [results, last], api_name=api_name,
                     api_visibility="public" if api_name else "private")
-        gr.api(guarded_search(service), api_name="search")
+        gr.api(guarded_search(service, max_upload_mb << 20), api_name="search")
 
-        def next_page(current, query):
-            if not query or not current:
+        def next_page(current, query):  # up to MAX_K results in all: the gallery shows no more
+            if not query or not current or len(shown(current)) >= MAX_K:
                 return current
-            return current + getattr(service, query["fn"])(*query["args"], offset=len(current))
+            return current + getattr(service, query["fn"])(*query["args"], offset=len(current))[:MAX_K - len(current)]
         more.click(guarded(next_page), [results, last], results, api_visibility="private")
         # The gallery is drawn on the page's own 'change' of the results, so API calls (which return only the
         # records) never pay for decoding and re-encoding five photos.
         results.change(guarded(service.gallery), results, gallery, api_visibility="private")
-        results.change(service.describe, results, details, api_visibility="private")
+        results.change(guarded(service.describe), results, details, api_visibility="private")
 
         def clicked(current, selection):
             return current[selection.index]["id"]
@@ -152,12 +152,12 @@ def build_page(service: SearchService, notice: str = ""):
 PAGE_CSS = "#results-gallery .grid-wrap { min-height: 0 !important; height: auto !important; }"
 
 
-def guarded_search(service: SearchService):
+def guarded_search(service: SearchService, max_photo_bytes: int):
     def search(query: str) -> list[dict]:
         """A composed query as JSON text: {"parts": [{"photo": base64} | {"url": ...} | {"item": id} | {"text": ...},
         each with an optional "weight"], "filters": {...}, "k": 5, "offset": 0, "box": [x0, y0, x1, y1],
         "collapse": true} (docs/api.md)."""
-        return guarded(service.search_json)(query)
+        return guarded(service.search_json)(query, max_photo_bytes)
     return search
 
 
@@ -195,7 +195,7 @@ def page_app(service: SearchService, notice: str = "", max_upload_mb: int = 10):
     import gradio as gr
     from fastapi import FastAPI
 
-    page = build_page(service, notice)
+    page = build_page(service, notice, max_upload_mb)
     page.queue(default_concurrency_limit=16, max_size=MAX_PENDING)  # concurrent requests meet in the MicroBatcher
     return gr.mount_gradio_app(FastAPI(), page, path="", max_file_size=f"{max_upload_mb}mb", footer_links=["api"],
                                show_error=False, css=PAGE_CSS)

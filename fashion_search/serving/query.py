@@ -11,10 +11,11 @@ import math
 from dataclasses import dataclass, field
 
 from fashion_search.serving.catalog import TOP_K, check_page
-from fashion_search.serving.errors import QueryError
-from fashion_search.stores import Match
+from fashion_search.errors import QueryError
+from fashion_search.stores import Match, as_text
 
 MAX_PARTS = 8
+MAX_URL_PARTS = 2  # fetched together, within one deadline
 MAX_WEIGHT = 10.0
 PART_KINDS = ("photo", "url", "item", "text")
 
@@ -49,7 +50,7 @@ def parse_box(value) -> tuple[int, int, int, int] | None:
     parts = str(value).split(",") if isinstance(value, str) else list(value) if isinstance(value, list) else None
     try:
         x0, y0, x1, y1 = (int(round(float(v))) for v in parts)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise QueryError("box is x0,y0,x1,y1: four pixel coordinates of the photo") from None
     if not (0 <= x0 < x1 and 0 <= y0 < y1):
         raise QueryError("box is x0,y0,x1,y1 with x0 < x1 and y0 < y1, all at least 0")
@@ -68,12 +69,26 @@ def parse_filters(value) -> dict:
             if set(given) != {"not"}:
                 raise QueryError(f'filter {str(column)[:100]!r}: an object filter is {{"not": value or [values]}}')
             excluded = given["not"] if isinstance(given["not"], list) else [given["not"]]
-            filters[str(column)] = Match(tuple(str(v) for v in excluded), exclude=True)
+            filters[str(column)] = Match(tuple(as_text(v) for v in excluded), exclude=True)
         elif isinstance(given, (str, int, float, list)) and not isinstance(given, bool):
-            filters[str(column)] = [str(v) for v in given] if isinstance(given, list) else str(given)
+            filters[str(column)] = [as_text(v) for v in given] if isinstance(given, list) else as_text(given)
         else:
             raise QueryError(f"filter {str(column)[:100]!r}: a value, a list of values or {{\"not\": ...}}")
     return filters
+
+
+def flag(value, name: str, default: bool) -> bool:
+    """A yes/no field: JSON's true and false, or the text true/false, 1/0, yes/no (a query string's)."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise QueryError(f"{name} is true or false")
 
 
 def query_params_filters(params) -> dict:
@@ -93,7 +108,7 @@ def whole_number(value, name: str, default: int) -> int:
         return default
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise QueryError(f"{name} is a whole number") from None
     if isinstance(value, float) and not value.is_integer():
         raise QueryError(f"{name} is a whole number")
@@ -119,6 +134,8 @@ def parse_part(given, max_photo_bytes: int) -> Part:
             value = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise QueryError("a photo part is its file's bytes in base64") from None
+        if len(value) > max_photo_bytes:
+            raise QueryError(f"a photo part is its file's bytes in base64, at most {max_photo_bytes // 2**20} MB")
     elif not isinstance(value, (str, int)) or isinstance(value, bool):
         raise QueryError(f"a {kind} part is text")
     return Part(kind, value if kind == "photo" else str(value), float(weight))
@@ -135,22 +152,62 @@ def from_json(body, max_photo_bytes: int) -> Query:
     parts = body.get("parts")
     if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
         raise QueryError(f"parts is a list of 1 to {MAX_PARTS} parts")
+    if sum(isinstance(part, dict) and "url" in part for part in parts) > MAX_URL_PARTS:
+        raise QueryError(f"a query has at most {MAX_URL_PARTS} URL parts")
     query = Query(tuple(parse_part(part, max_photo_bytes) for part in parts), parse_filters(body.get("filters")),
                   whole_number(body.get("k"), "k", TOP_K), whole_number(body.get("offset"), "offset", 0),
-                  parse_box(body.get("box")), bool(body.get("collapse", True)))
+                  parse_box(body.get("box")), flag(body.get("collapse"), "collapse", True))
     check_page(query.k, query.offset)
     if query.box is not None and not any(part.kind in ("photo", "url") for part in query.parts):
         raise QueryError("a box needs a photo or URL part to cut it from")
     return query
 
 
+MAX_JSON_VALUES = 10_000  # values in one JSON query (parts, filter values, a box): far more than any query needs
+MAX_JSON_DEPTH = 6  # {"filters": {"column": {"not": [value]}}} is 4 deep
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise QueryError("numbers in the query are finite")
+    return number
+
+
+def _not_a_number(name: str):
+    raise QueryError(f"{name} is not a JSON number: numbers in the query are finite")
+
+
+def parse_json(text):
+    """JSON text or bytes from outside, within MAX_JSON_VALUES values and MAX_JSON_DEPTH levels, its numbers finite
+    (no Infinity, NaN or 1e999). The values are counted from the separators before any parsing, so a body of millions
+    of empty lists is refused in milliseconds."""
+    text = text or ""
+    if isinstance(text, (bytes, bytearray)):
+        separators = text.count(b",") + text.count(b"[") + text.count(b"{")
+    else:
+        separators = text.count(",") + text.count("[") + text.count("{")
+    if separators > MAX_JSON_VALUES:
+        raise QueryError(f"the query holds more than {MAX_JSON_VALUES:,} values")
+    try:
+        body = json.loads(text, parse_float=_finite, parse_constant=_not_a_number)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, QueryError):
+            raise
+        raise QueryError('the body is JSON: {"parts": [...], "filters": {...}, "k": 5, "offset": 0}') from None
+    stack = [(body, 1)]
+    while stack:  # at most MAX_JSON_VALUES containers: the separators were counted
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise QueryError(f"the query nests deeper than {MAX_JSON_DEPTH} levels")
+            stack += [(item, depth + 1) for item in (value.values() if isinstance(value, dict) else value)]
+    return body
+
+
 def from_text(text, max_photo_bytes: int) -> Query:
     """The JSON route's body (or the Gradio API's /search argument) as text or bytes."""
-    try:
-        body = json.loads(text or "")
-    except ValueError:
-        raise QueryError('the body is JSON: {"parts": [...], "filters": {...}, "k": 5, "offset": 0}') from None
-    return from_json(body, max_photo_bytes)
+    return from_json(parse_json(text), max_photo_bytes)
 
 
 PAGE_PARAMS = ("k", "offset", "box", "collapse")
@@ -169,7 +226,7 @@ def from_params(params, kind: str, filter_columns, value=None) -> Query:
                          f"offset, box, collapse)")
     query = Query((Part(kind, params.get(first, "") if value is None else value),), query_params_filters(filters),
                   whole_number(params.get("k"), "k", TOP_K), whole_number(params.get("offset"), "offset", 0),
-                  parse_box(params.get("box")), params.get("collapse", "true").lower() not in ("0", "false", "no"))
+                  parse_box(params.get("box")), flag(params.get("collapse"), "collapse", True))
     check_page(query.k, query.offset)
     return query
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import threading
@@ -10,16 +11,30 @@ from pathlib import Path
 import numpy as np
 
 from fashion_search import calibration
-from fashion_search.serving.catalog import TOP_K, Catalog
+from fashion_search.serving.catalog import MAX_K, TOP_K, Catalog
 from fashion_search.serving.encoder import Encoder
-from fashion_search.serving.errors import QueryError
-from fashion_search.serving.fetch import fetch_url
-from fashion_search.serving.gate import open_rgb
+from fashion_search.errors import QueryError
+from fashion_search.serving.fetch import TOTAL_TIMEOUT, Deadline, fetch_url
+from fashion_search.photos.pool import open_rgb
 from fashion_search.serving.query import Part, Query, from_text
 
 # A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
 MIN_CONFIDENCE = 0.5
 GALLERY_SIDE = 256  # catalog photos are shown at most about this size (the gallery's tiles are smaller)
+
+
+def shown(results) -> list[dict]:
+    """Results handed back by the page's client (its gallery and details are drawn from them), checked as
+    anything from outside: a list of at most MAX_K records, each with an id, and a score and confidence that are
+    numbers. QueryError otherwise."""
+    if not isinstance(results, list) or len(results) > MAX_K:
+        raise QueryError(f"results are a list of at most {MAX_K} records")
+    for record in results:
+        if not isinstance(record, dict) or "id" not in record or any(
+                not isinstance(record.get(field, 0.0), (int, float)) or isinstance(record.get(field), bool)
+                or not math.isfinite(record.get(field, 0.0)) for field in ("score", "confidence")):
+            raise QueryError("each result is a record with an id, a score and a confidence")
+    return results
 
 
 def read_upload(path) -> bytes:
@@ -79,6 +94,12 @@ class SearchService:
             return None
         return any(record["close_match"] for record in results)
 
+    def answer(self, results) -> dict:
+        """The JSON routes' answer to one query: its results, and whether any is a close match where the run can
+        tell."""
+        close = self.close_match(results)
+        return {"results": results} if close is None else {"results": results, "close_match": close}
+
     def search_image_bytes(self, data: bytes, *filters, offset=0):
         return self.search(self.encoder.embed_image(data), *filters, offset=offset)
 
@@ -101,12 +122,16 @@ class SearchService:
         return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse)
 
     def part_vectors(self, parts, box=None) -> list[np.ndarray]:
+        """Each part's unit embedding. URL parts (at most query.MAX_URL_PARTS) are fetched together, under one
+        deadline for the whole query."""
+        urls = [part.value for part in parts if part.kind == "url"]
+        fetched = iter(self.fetch_all(urls)) if urls else None
         vectors = []
         for part in parts:
             if part.kind == "photo":
                 vectors.append(self.encoder.embed_image(part.value, box))
             elif part.kind == "url":
-                vectors.append(self.encoder.embed_image(fetch_url(part.value, self.allow_private_urls), box))
+                vectors.append(self.encoder.embed_image(next(fetched), box))
             elif part.kind == "item":
                 vectors.append(self.catalog.vector(part.value))
             else:
@@ -115,10 +140,22 @@ class SearchService:
                 vectors.append(self.encoder.embed_text(part.value))
         return vectors
 
-    def search_batch(self, photos: list[bytes], filters: dict | None = None, k=TOP_K) -> list[dict]:
-        """One result list per photo, in order; a photo the gate refuses gets its error in place of results. The
-        photos go to the micro-batcher together, so a batch costs about one model batch."""
-        filters = self.catalog.check_filters(filters or {})  # a bad filter fails before any photo is embedded
+    def fetch_all(self, urls: list[str]) -> list[bytes]:
+        """The URLs' bodies, fetched at once in threads of their own, within one TOTAL_TIMEOUT between them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        deadline = Deadline(TOTAL_TIMEOUT)
+        with ThreadPoolExecutor(len(urls), thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(fetch_url, url, self.allow_private_urls, deadline=deadline) for url in urls]
+            return [future.result() for future in futures]
+
+    def search_batch(self, photos: list[bytes], query: Query) -> list[dict]:
+        """One answer per photo, in order, each as the photo route answers (its page of ``query``: filters, k,
+        offset, collapse); a photo the gate refuses gets its error in place of results. The photos go to the
+        micro-batcher together, so a batch costs about one model batch."""
+        if query.box is not None:
+            raise QueryError("a batch takes no box: crop each photo before sending it")
+        filters = self.catalog.check_filters(query.filters)  # a bad filter fails before any photo is embedded
         pixels, answers = [], []
         for data in photos:
             try:
@@ -127,7 +164,8 @@ class SearchService:
             except QueryError as exc:
                 answers.append({"error": str(exc)})
         vectors = iter(self.encoder.embed_many(pixels))
-        return [answer or {"results": self.rank(next(vectors), filters, k)} for answer in answers]
+        return [answer or self.answer(self.rank(next(vectors), filters, query.k, query.offset, "photo",
+                                                query.collapse)) for answer in answers]
 
     def search_image_file(self, path, *filters, offset=0):
         return self.search_image_bytes(read_upload(path), *filters, offset=offset)
@@ -139,13 +177,14 @@ class SearchService:
             parts.append(Part("text", words.strip(), float(weight)))
         return self.run(Query(tuple(parts), self.filters(*filters), offset=offset))
 
-    def search_json(self, text: str):
-        """The Gradio API's /search: a query as the JSON route takes it, as text."""
+    def search_json(self, text: str, max_photo_bytes: int):
+        """The Gradio API's /search: a query as the JSON route takes it, as text (its photos within
+        ``max_photo_bytes`` each, as the upload routes')."""
         from fashion_search.serving.gate import MAX_QUERY_BYTES
 
         if len(text or "") > MAX_QUERY_BYTES:
             raise QueryError(f"the query is over {MAX_QUERY_BYTES // 2**20} MB")
-        return self.run(from_text(text, MAX_QUERY_BYTES))
+        return self.run(from_text(text, max_photo_bytes))
 
     def search_url(self, url, *filters, offset=0):
         return self.search_image_bytes(fetch_url(url, self.allow_private_urls), *filters, offset=offset)
@@ -159,17 +198,19 @@ class SearchService:
         return self.search(self.catalog.vector(item_id), *filters, offset=offset)
 
     def gallery(self, results):
-        """(photo file, short caption) per result; describe() gives each result's details in full."""
+        """(photo file, short caption) per result; describe() gives each result's details in full. The results come
+        back from the page's client: at most MAX_K of them are shown, each an item of the catalog."""
         return [(self.photo_file(r["id"]), f"{rank}. {self.how_close(r)}")
-                for rank, r in enumerate(results, 1)]
+                for rank, r in enumerate(shown(results), 1)]
 
     @staticmethod
     def how_close(record) -> str:
         return f"confidence {record['confidence']:.0%}" if "confidence" in record else f"score {record['score']:.3f}"
 
+
     def describe(self, results) -> str:
         """Markdown for the page: a notice when nothing is a close match, then each result in full."""
-        if not results:
+        if not shown(results):
             return ""
         lines = []
         if self.close_match(results) is False:
@@ -178,7 +219,7 @@ class SearchService:
                          f"{self.min_confidence:.0%}). The nearest items are shown all the same.\n")
         lines += ["| # | name | type | colour | gender | match |", "|---:|---|---|---|---|---|"]
         for rank, r in enumerate(results, 1):
-            cells = [str(r[field]).replace("|", "/") for field in ("productDisplayName", "articleType", "baseColour",
+            cells = [str(r.get(field, "")).replace("|", "/") for field in ("productDisplayName", "articleType", "baseColour",
                                                                   "gender")]
             lines.append(f"| {rank} | {' | '.join(cells)} | {self.how_close(r)} |")
         return "\n".join(lines)

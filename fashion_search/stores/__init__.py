@@ -23,8 +23,10 @@ from fashion_search.errors import UserError
 
 # The filter columns of the page, in its order; the Milvus backend keeps them as indexed scalar fields.
 FILTER_COLUMNS = ("gender", "masterCategory", "articleType", "baseColour")
+# Fields a catalog writes into each record beside the data's own columns: where the photo is, and the search's score.
+RECORD_FIELDS = ("photo", "split", "row", "score")
 # Record fields that are not filters: identities, free text, where the photo is.
-NOT_FILTERS = ("id", "productDisplayName", "photo", "split", "row", "score")
+NOT_FILTERS = ("id", "productDisplayName", *RECORD_FIELDS)
 # A search looks this deep into the ranking whatever page it returns, so that pages of one query never overlap or
 # skip (an HNSW search of another breadth may rank differently); offset + k stays within it.
 SEARCH_DEPTH = 500
@@ -37,7 +39,11 @@ class Match:
     exclude: bool = False
 
     def mask(self, column: np.ndarray) -> np.ndarray:
-        return np.isin(column, np.asarray(self.values, dtype=object)) != self.exclude
+        """bool [N]: which of a column's values (object [N]) match, by hashing (np.isin on objects compares every
+        pair: values x items)."""
+        import pandas as pd
+
+        return pd.Series(column, copy=False).isin(self.values).to_numpy() != self.exclude
 
 
 def as_match(value) -> Match:
@@ -54,7 +60,9 @@ class Hit:
 
 class VectorStore(Protocol):
     dim: int
-    fingerprint: str  # what the base catalog was built from (model and data); "" for an empty store
+    # What the base catalog was built from: "SOURCE#HASH", its source (stores.source_of) and a hash of its model and
+    # data; "" for an empty store.
+    fingerprint: str
 
     def build(self, fingerprint: str, keys: Sequence[str], vectors: np.ndarray, records: Sequence[dict]) -> None:
         """Hold exactly these items, built in bulk (the base catalog), under this fingerprint."""
@@ -106,16 +114,32 @@ def filter_values(record: dict) -> dict[str, str]:
     return values
 
 
-def open_store(spec: str, folder: Path, dim: int, fingerprint: str, create: bool = True) -> VectorStore:
+def source_of(fingerprint: str) -> str:
+    """The source part of a store's fingerprint: "run" (a clip.py run's own splits) or "dataset:SPEC"."""
+    return fingerprint.split("#", 1)[0]
+
+
+class OtherCatalog(UserError):
+    """The store holds the catalog of another source than the caller's (say, a --dataset catalog, while the caller
+    would serve the run's own): refused without writing anything."""
+
+    def __init__(self, message: str, source: str):
+        super().__init__(message)
+        self.source = source
+
+
+def open_store(spec: str, folder: Path, dim: int, fingerprint: str, create: bool = True,
+               rebuild: bool = True) -> VectorStore:
     """The store a spec names. ``folder`` is where the FAISS backend keeps its files (the run's index folder).
     ``fingerprint`` is that of the catalog the caller would build. The store's own ``fingerprint`` says what it holds:
     equal, it is ready (with any live updates since); "" (new, or a FAISS file of another catalog, which is derived
     from the run), the caller fills it with ``build``. A Milvus collection built from another catalog is refused:
-    it may be shared, so it is never dropped here."""
+    it may be shared, so it is never dropped here. Without ``rebuild`` (catalog.py, which updates the catalog an app
+    serves), a store built from another source is refused (OtherCatalog) rather than emptied."""
     if spec == "faiss":
         from fashion_search.stores.faiss_store import FaissStore
 
-        return FaissStore.open(folder, dim, fingerprint)
+        return FaissStore.open(folder, dim, fingerprint, rebuild)
     if spec.startswith("milvus:"):
         from fashion_search.stores.milvus_store import MilvusStore
 

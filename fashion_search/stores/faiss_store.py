@@ -2,8 +2,8 @@
 
 Versions: every write makes a whole new version on disk and then switches ``CURRENT`` to it, so a crash at any point
 leaves the previous version servable, and nothing that still reads is lost (stores.faiss_versions). Readers (the app)
-notice a new CURRENT and load it without a restart, once per new version however many queries are in flight, and
-record it only once it has loaded (a failed load is tried again at the next query). Writers take a lock on the
+notice a new CURRENT and load it without a restart, once per new version however many queries are in flight (a version
+that fails to load is tried once, until CURRENT changes again). Writers take a lock on the
 folder, so two updates never lose each other's items.
 
 Removal: FAISS's HNSW graph cannot drop nodes, so every index here is addressed by position and a removed item is a
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fashion_search.stores import SEARCH_DEPTH, Hit, as_match
+from fashion_search.stores import SEARCH_DEPTH, Hit, OtherCatalog, as_match, source_of
 from fashion_search.stores.faiss_index import State, search_one, build_index, index_kind, stored_vectors
 from fashion_search.stores.faiss_versions import CURRENT, latest_version, read_version, write_version
 
@@ -35,13 +35,18 @@ class FaissStore:
         self.folder, self.dim, self._state = Path(folder), dim, state
         self._position = state.position()
         self._current_stamp = self._stamp()
+        self._failed_stamp = None  # the stamp of a CURRENT whose version failed to load
         self._refreshing = threading.Lock()
 
     @classmethod
-    def open(cls, folder, dim: int, fingerprint: str) -> "FaissStore":
+    def open(cls, folder, dim: int, fingerprint: str, rebuild: bool = True) -> "FaissStore":
         folder = Path(folder)
         stamp = cls._stamp_of(folder)
         state = read_version(folder, dim, fall_back=True)
+        if state is not None and not rebuild and source_of(state.fingerprint) != source_of(fingerprint):
+            held = source_of(state.fingerprint)
+            raise OtherCatalog(f"the index in {folder} holds the catalog of {held or 'an unknown source'}, not "
+                               f"of {source_of(fingerprint)}: nothing was changed", held)
         if state is not None and state.fingerprint != fingerprint:
             print(f"index in {folder} was built from another model or catalog: rebuilding")
             state = None
@@ -117,16 +122,20 @@ class FaissStore:
 
     def refresh(self) -> bool:
         """Load the version CURRENT names, if another process wrote one since (a stat per call). One thread loads
-        it while the others wait and then take it; the new stamp is recorded only once the load succeeded."""
-        if self._stamp() == self._current_stamp:
+        it while the others wait and then take it. A version that fails to load is remembered as failed until
+        CURRENT changes again, so a damaged file costs one load, not one per query; searches meanwhile keep the
+        version they have."""
+        stamp = self._stamp()
+        if stamp in (self._current_stamp, self._failed_stamp):
             return False
         with self._refreshing:
             stamp = self._stamp()
-            if stamp == self._current_stamp:  # loaded by another thread meanwhile
+            if stamp in (self._current_stamp, self._failed_stamp):  # loaded (or failed) in another thread meanwhile
                 return False
             state = read_version(self.folder, self.dim)
             if state is None:
-                return False  # stamp not recorded: tried again at the next query
+                self._failed_stamp = stamp
+                return False
             self._current_stamp = stamp
             if state.version <= self._state.version:
                 return False

@@ -22,7 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from fashion_search.errors import UserError
-from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Hit, as_match, chunks, filter_values
+from fashion_search.stores import (FILTER_COLUMNS, SEARCH_DEPTH, Hit, OtherCatalog, as_match, chunks, filter_values,
+                                   source_of)
 
 DEFAULT_COLLECTION = "fashion_catalog"
 FILTERS_KEY = "_filters"  # inside each stored record: its filter columns beyond the scalar fields, as text
@@ -116,6 +117,10 @@ class MilvusStore:
         described = client.describe_collection(name)
         stored_dim = next(f["params"].get("dim") for f in described["fields"] if f["name"] == "vector")
         stored = (described.get("properties") or {}).get(FINGERPRINT_PROPERTY, "")
+        if stored and fingerprint and source_of(stored) != source_of(fingerprint):
+            raise OtherCatalog(f"Milvus collection {name!r} at {target['uri']} holds the catalog of "
+                               f"{source_of(stored) or 'an unknown source'}, not of {source_of(fingerprint)}: "
+                               f"nothing was changed", source_of(stored))
         if int(stored_dim) != dim or (stored and fingerprint and stored != fingerprint):
             raise UserError(f"Milvus collection {name!r} at {target['uri']} holds another catalog or model "
                             f"(dimension {stored_dim}): pass another collection, or drop this one")
