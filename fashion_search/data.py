@@ -112,13 +112,15 @@ def load_processed(data_dir):
     return datasets.load_from_disk(str(data_dir)), label_map
 
 
-def metadata_frame(split_ds, split_name: str, every_column: bool = False):
+def metadata_frame(split_ds, split_name: str, every_column: bool = False, rows=None):
     """Row-aligned metadata of a split (no images) as a pandas DataFrame: META_COLUMNS and the label, or with
-    ``every_column`` all but the image (a user's catalog's own columns, which filter its searches)."""
+    ``every_column`` all but the image (a user's catalog's own columns, which filter its searches). ``row`` is each
+    row's place in the dataset's split as stored: ``rows`` where ``split_ds`` is a selection of it (rows whose photo
+    did not decode left out), else 0, 1, 2, ..."""
     columns = [c for c in (split_ds.column_names if every_column else META_COLUMNS + ("label",))
                if c in split_ds.column_names and c != "image"]
     frame = split_ds.select_columns(columns).to_pandas()
-    frame.insert(0, "row", np.arange(len(frame)))
+    frame.insert(0, "row", np.arange(len(frame)) if rows is None else np.asarray(rows, dtype=np.int64))
     frame.insert(1, "split", split_name)
     return frame
 
@@ -206,10 +208,12 @@ def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]
 
 class ImageRows(torch.utils.data.Dataset):
     """Rows of one split over the uint8 cache (a torch Dataset). ``__getitems__`` fetches a whole batch with one fancy index,
-    so a DataLoader batch costs one memory copy, not B Python calls."""
+    so a DataLoader batch costs one memory copy, not B Python calls. Each item carries its row: its place in the
+    split as stored (``rows``), which stays true when rows whose photo did not decode are left out."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None):
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows, dtype=np.int64)
 
     def __len__(self):
         return len(self.labels)
@@ -222,8 +226,8 @@ class ImageRows(torch.utils.data.Dataset):
         order = np.argsort(indices, kind="stable")  # sorted reads are faster on a memmap
         batch = np.empty((len(indices),) + self.images.shape[1:], dtype=np.uint8)
         batch[order] = self.images[indices[order]]
-        # images: uint8 [B, 3, S, S]; labels: int64 [B]; rows: int64 [B]
-        return torch.from_numpy(batch), torch.from_numpy(self.labels[indices]), torch.from_numpy(indices)
+        # images: uint8 [B, 3, S, S]; labels: int64 [B]; rows: int64 [B] (places in the split as stored)
+        return torch.from_numpy(batch), torch.from_numpy(self.labels[indices]), torch.from_numpy(self.rows[indices])
 
 
 def split_rows(split_ds, args, label_column="label"):
@@ -235,5 +239,5 @@ def split_rows(split_ds, args, label_column="label"):
     if not ok.all():
         keep = np.flatnonzero(ok)
         print(f"skipped {len(ok) - len(keep)} rows whose image could not be decoded")
-        return ImageRows(images[keep], labels[keep]), split_ds.select(keep), ok
+        return ImageRows(images[keep], labels[keep], keep), split_ds.select(keep), ok
     return ImageRows(images, labels), split_ds, ok

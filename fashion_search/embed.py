@@ -62,15 +62,15 @@ def embed_splits(model, splits: dict, run_dir, args, runtime, ray_factory=None) 
 
         vectors = ray_engine.embed(ray_factory, image_sets, args.ray_actors,
                                    gpus_per_actor=1 if runtime.device.type == "cuda" else 0)
-        for (split, (_, split_ds)), embeddings in zip(prepared.items(), vectors):
-            write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split))
+        for (split, (rows, split_ds)), embeddings in zip(prepared.items(), vectors):
+            write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split, rows=rows.rows))
         return runtime.precision_name
     with job_embed(model, image_sets, runtime.device, runtime.dtype, args.eval_batch_size,
                    int8=args.precision == "auto") as compiled:  # one graph for every split
         for split, (rows, split_ds) in prepared.items():
             embeddings = embed_images(model, rows.images, runtime.device, runtime.dtype, args.eval_batch_size,
                                       f"embed {split}", compiled=compiled)
-            write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split))
+            write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split, rows=rows.rows))
     from fashion_search.accel import CompiledEmbed
 
     int8 = compiled is not None and not isinstance(compiled, CompiledEmbed)  # job_embed yields nothing else

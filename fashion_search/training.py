@@ -144,7 +144,9 @@ class Trainer:
         """One pass over the loader (cut short by --max-steps or the budget): loss, throughput and data wait."""
         self.loss.train()
         loader.batch_sampler.set_epoch(epoch)
-        draws = augment_draws(len(loader.dataset), torch.Generator().manual_seed(self.args.seed * 100_003 + epoch))
+        rows = loader.dataset.rows  # each row's draw, by its place in the split (rows left out keep theirs unused)
+        draws = augment_draws(int(rows.max()) + 1 if len(rows) else 0,
+                              torch.Generator().manual_seed(self.args.seed * 100_003 + epoch))
         started, data_wait, loss_sum, seen, out_of_time = time.perf_counter(), 0.0, 0.0, 0, False
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False,
                    disable=None if distributed.world().main else True)

@@ -94,7 +94,7 @@ def test_the_item_itself_comes_first(service):
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
     assert set(results[0]) == {"id", "productDisplayName", "articleType", "baseColour", "gender", "score",
-                               "confidence", "close_match"}
+                               "confidence", "close_match", "duplicates"}
     _, item = service.catalog.store.fetch(gate.item_id(item_id))  # the record is that item's metadata
     assert all(results[0][field] == item[field] for field in catalog.RESULT_FIELDS)
     assert type(results[0]["id"]) is int and json.dumps(results)  # plain Python values, JSON as they are
@@ -209,8 +209,8 @@ def test_plain_json_api(served, service, server):
         assert response.status_code == 200
         results = response.json()["results"]
         assert len(results) == 5 and results[0]["id"] == item_id
-        # the JSON routes fold near-duplicates (each result lists them: none here), as the page's searches do not
-        assert all(r.pop("duplicates") == [] for r in results) and results == service.search_image_bytes(data)
+        # every route folds near-duplicates (each result lists them: none here), the page's searches too
+        assert all(r["duplicates"] == [] for r in results) and results == service.search_image_bytes(data)
         filtered = http.post("/api/search_image", params={"gender": "Men"}, content=data).json()["results"]
         assert filtered and all(r["gender"] == "Men" for r in filtered)
         text = http.get("/api/search_text", params={"q": "Blue Shirts", "gender": "Men"}).json()["results"]

@@ -14,7 +14,7 @@ from PIL import Image
 from fashion_search import calibration
 from fashion_search.serving import duplicates
 from fashion_search.errors import QueryError
-from fashion_search.serving.query import Part, Query, from_json
+from fashion_search.serving.query import Part, Query, from_json, from_params, with_photo
 from fashion_search.stores import Match
 
 
@@ -198,6 +198,15 @@ def test_duplicate_photos_fold_into_one_result_and_are_listed(trained_runs, cach
     assert not {"copy-1", "copy-2", key} & set(ids(folded[1:]))
     flat = service.run(Query((Part("item", key),), k=5, collapse=False))
     assert {key, "copy-1", "copy-2"} <= set(ids(flat))
+    # one search path: the photo dropped on the page (and the Gradio API's /search_image), the page's button and the
+    # JSON route all fold alike
+    upload = tmp_path / "query.jpg"
+    upload.write_bytes(data)
+    dropped = service.search_image_file(str(upload), "Any", "Any", "Any", "Any")
+    button = service.search_photo(str(upload), "", 0.5, "Any", "Any", "Any", "Any")
+    json_route = service.run(with_photo(from_params({}, "photo", service.filter_columns, b""), data))
+    assert dropped == button == json_route and sorted(map(str, [dropped[0]["id"], *dropped[0]["duplicates"]])) == \
+        sorted([key, "copy-1", "copy-2"])
     catalog.main(["duplicates", "--run", str(run), "--cache-dir", str(cache_dir), "--threshold", "0.9999"])
     out = capsys.readouterr().out
     assert any({key, "copy-1", "copy-2"} <= set(line.split()) for line in out.splitlines()), out

@@ -115,6 +115,6 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
     metas, start = [], 0
     for name, split in splits.items():
         keep = np.flatnonzero(ok[start:start + len(split)])
-        metas.append(metadata_frame(split.select(keep), name, every_column=True).assign(row=keep))
+        metas.append(metadata_frame(split.select(keep), name, every_column=True, rows=keep))
         start += len(split)
     return vectors.astype(np.float32), pd.concat(metas, ignore_index=True)

@@ -271,7 +271,7 @@ def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, chunks: Path, 
     factory = EncoderEmbedder(encoder.model_path, str(encoder.device))
     embeddings = ray_engine.embed(factory, image_sets, ray_actors,
                                   gpus_per_actor=1 if encoder.device.type == "cuda" else 0)
-    metas = [metadata_frame(split.select(np.flatnonzero(ok)), name, every_column=True).assign(row=np.flatnonzero(ok))
+    metas = [metadata_frame(split.select(np.flatnonzero(ok)), name, every_column=True, rows=np.flatnonzero(ok))
              for (name, split), (_, ok) in zip(splits.items(), cached.values())]
     return np.concatenate(embeddings), pd.concat(metas, ignore_index=True)
 

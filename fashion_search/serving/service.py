@@ -70,9 +70,10 @@ class SearchService:
     def filters(self, *values):
         return dict(zip(self.page_columns, values))
 
-    def search(self, vector, *filters, kind="photo", offset=0) -> list[dict]:
-        """Five results for an embedding and the page's filters (positional), from ``offset``."""
-        return self.rank(vector, self.filters(*filters), offset=offset, kind=kind)
+    def page_query(self, kind: str, value, filters, offset=0) -> list[dict]:
+        """A one-part query of the page or its Gradio API (the page's filters, positional), through the one search
+        path every route takes (``run``): five results from ``offset``, near-duplicates folded."""
+        return self.run(Query((Part(kind, value),), self.filters(*filters), offset=offset))
 
     def rank(self, vector, filters: dict | None = None, k=TOP_K, offset=0, kind="photo", collapse=False
              ) -> list[dict]:
@@ -101,7 +102,7 @@ class SearchService:
         return {"results": results} if close is None else {"results": results, "close_match": close}
 
     def search_image_bytes(self, data: bytes, *filters, offset=0):
-        return self.search(self.encoder.embed_image(data), *filters, offset=offset)
+        return self.page_query("photo", data, filters, offset)
 
     def run(self, query: Query) -> list[dict]:
         """A query of weighted parts: the weighted sum of their unit embeddings, made unit again; or, for one photo
@@ -187,15 +188,13 @@ class SearchService:
         return self.run(from_text(text, max_photo_bytes))
 
     def search_url(self, url, *filters, offset=0):
-        return self.search_image_bytes(fetch_url(url, self.allow_private_urls), *filters, offset=offset)
+        return self.page_query("url", url or "", filters, offset)
 
     def search_text(self, text, *filters, offset=0):
-        if not self.encoder.text_search:
-            raise QueryError(self.encoder.text_search_why)
-        return self.search(self.encoder.embed_text(text), *filters, kind="text", offset=offset)
+        return self.page_query("text", text or "", filters, offset)
 
     def search_item(self, item_id, *filters, offset=0):
-        return self.search(self.catalog.vector(item_id), *filters, offset=offset)
+        return self.page_query("item", item_id, filters, offset)
 
     def gallery(self, results):
         """(photo file, short caption) per result; describe() gives each result's details in full. The results come
