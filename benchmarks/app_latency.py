@@ -56,7 +56,8 @@ def json_caller(url):
     return call
 
 
-def run(url, clients, requests, paths, route):
+def measure(url, clients, requests, paths, route):
+    """(latencies in seconds, errors, seconds in all) of ``requests`` queries from ``clients`` clients at once."""
     latencies, errors, lock = [], [], threading.Lock()
     per_client = requests // clients
 
@@ -67,7 +68,7 @@ def run(url, clients, requests, paths, route):
             started = time.perf_counter()
             try:
                 result = call(paths[(offset + i) % len(paths)])
-                assert len(result) == 5
+                assert 1 <= len(result) <= 5  # fewer where near-duplicates fold into one
                 with lock:
                     latencies.append(time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - counted, reported
@@ -80,7 +81,11 @@ def run(url, clients, requests, paths, route):
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
+    return latencies, errors, time.perf_counter() - started
+
+
+def run(url, clients, requests, paths, route):
+    latencies, errors, elapsed = measure(url, clients, requests, paths, route)
     ms = sorted(x * 1e3 for x in latencies)
     pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
     print(f"| {route} | {clients} | {len(ms)} | {statistics.median(ms):.1f} | {pick(0.95):.1f} | {pick(0.99):.1f} | "

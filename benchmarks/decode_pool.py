@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from app_latency import json_caller
+from app_latency import measure
 
 from fashion_search.photos import pool, worker
 
@@ -56,25 +56,7 @@ def bulk_rate(cells, threads: int) -> float:
 
 def route(url, clients: int, requests: int, paths) -> tuple[float, float]:
     """(p50 ms, requests/s) of the JSON photo route."""
-    import threading
-
-    latencies, lock = [], threading.Lock()
-
-    def client(offset):
-        call = json_caller(url)
-        call(paths[offset % len(paths)])  # warm-up
-        for i in range(requests // clients):
-            started = time.perf_counter()
-            call(paths[(offset + i) % len(paths)])
-            with lock:
-                latencies.append(time.perf_counter() - started)
-    threads = [threading.Thread(target=client, args=(c * 7,)) for c in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
+    latencies, _, elapsed = measure(url, clients, requests, paths, "json")
     return sorted(latencies)[len(latencies) // 2] * 1e3, len(latencies) / elapsed
 
 
