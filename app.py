@@ -15,9 +15,10 @@ from fashion_search import calibration, combiner
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.photos import pool as photos
-from fashion_search.runtime import device_arg, positive_int
+from fashion_search.runtime import add_device_arg, positive_int
 from fashion_search.serving.catalog import calibration_photos, catalog_from_dataset, catalog_from_run
-from fashion_search.serving.encoder import HUB_MODEL, INT8_CALIBRATION_PHOTOS, Encoder
+from fashion_search.backbones import CLIP_HUB_MODEL
+from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, Encoder
 from fashion_search.serving.front import Front, Server, Startup
 from fashion_search.serving.json_api import json_app
 from fashion_search.serving.page import page_app
@@ -29,11 +30,12 @@ def parse_args(argv=None):
     parser.add_argument("--run", default="runs/clip", help="a clip.py run folder (fine-tuned model + embeddings)")
     parser.add_argument("--dataset", default=None, help="catalog to index instead of the run's own splits "
                         f"(hub name or folder); without a run it defaults to {HUB_DATASET}")
-    parser.add_argument("--model", default=HUB_MODEL, help="CLIP model for the zero-shot fallback when there is no run")
+    parser.add_argument("--model", default=CLIP_HUB_MODEL,
+                        help="CLIP model for the zero-shot fallback when there is no run")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
-    parser.add_argument("--device", type=device_arg, default="cpu")
+    add_device_arg(parser)
     parser.add_argument("--index", default="faiss", help="where the catalog's vectors live: faiss (a file in the "
                         "run's index folder), milvus:PATH.db (Milvus Lite) or milvus://HOST:PORT/COLLECTION (a Milvus "
                         "server); catalog.py adds and removes items in it while the app serves")
@@ -78,7 +80,7 @@ def load_service(args, startup: Startup | None = None) -> tuple[SearchService, s
     if (run / "hf_model" / "config.json").exists():
         encoder = Encoder(str(run / "hf_model"), args.device, args.int8)
         catalog = catalog_from_run(run, encoder, args.dataset, args.cache_dir, args.index, ray_actors(args),
-                                   startup)
+                                   startup.report)
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", args.allow_private_urls,
                              calibration.load(run), args.min_confidence, combiner.load(run)), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {args.model} "
@@ -89,7 +91,7 @@ def load_service(args, startup: Startup | None = None) -> tuple[SearchService, s
         encoder = Encoder(args.model, args.device, args.int8)
         index_dir = Path("runs") / "zero-shot-clip" / "index"
         catalog = catalog_from_dataset(dataset, encoder, index_dir, args.cache_dir, args.model, args.index,
-                                       ray_actors(args), startup)
+                                       ray_actors(args), startup.report)
     except UserError as exc:
         cause = str(exc).split(";")[0]  # what failed, without the model scripts' advice
         raise UserError(f"no run at --run {run}, and the zero-shot fallback failed: {cause}; pass --run RUN_DIR "

@@ -19,7 +19,7 @@ from pathlib import Path
 from fashion_search.data import catalog_splits
 from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write
-from fashion_search.runtime import device_arg
+from fashion_search.runtime import add_device_arg
 from fashion_search.serving.catalog import catalog_from_run, dataset_image_bytes, embed_dataset, item_records
 from fashion_search.serving.duplicates import DUPLICATE_COSINE, catalog_groups
 from fashion_search.serving.encoder import Encoder
@@ -47,7 +47,7 @@ def parse_args(argv=None):
                              "milvus://HOST:PORT/COLLECTION")
         command.add_argument("--dataset", default=None, help="the app's --dataset, where it serves one (default: the "
                              "catalog the index holds)")
-        command.add_argument("--device", type=device_arg, default="cpu")
+        add_device_arg(command)
         command.add_argument("--cache-dir", default="data/cache")
         if name == "duplicates":
             command.add_argument("--threshold", type=float, default=DUPLICATE_COSINE,

@@ -18,7 +18,6 @@ from fashion_search.files import atomic_save_npy, atomic_write_json
 from fashion_search.model import EmbeddingModel
 from fashion_search.runtime import positive_int
 
-HUB_MODEL = "openai/clip-vit-base-patch32"
 
 
 def parse_args(argv=None):
@@ -67,7 +66,8 @@ def build_model(args, num_classes, backbone_config=None):
     if backbone_config is not None:
         clip = CLIPModel(CLIPConfig.from_dict(backbone_config))
     else:
-        clip = backbones.load_pretrained(CLIPModel.from_pretrained, args.model or HUB_MODEL, "CLIP model")
+        clip = backbones.load_pretrained(CLIPModel.from_pretrained, args.model or backbones.CLIP_HUB_MODEL,
+                                         "CLIP model")
     head = heads.classifier_head(args, clip.config.projection_dim, num_classes)
     return CLIPClassifier(clip, head), clip.config.to_dict()
 
@@ -77,7 +77,8 @@ def load_tokenizer(args):
 
     if args.from_scratch or args.tiny:
         return backbones.char_tokenizer()
-    return backbones.load_pretrained(CLIPTokenizer.from_pretrained, args.model or HUB_MODEL, "CLIP tokenizer")
+    return backbones.load_pretrained(CLIPTokenizer.from_pretrained, args.model or backbones.CLIP_HUB_MODEL,
+                                     "CLIP tokenizer")
 
 
 def text_tower_record(args) -> dict:

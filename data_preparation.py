@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fashion_search.data import HUB_DATASET, decode_cells, load_raw_dataset, report_left_out
+from fashion_search.data import HUB_DATASET, decode_cells, encoded_images, load_raw_dataset, report_left_out
 from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write_json
 from fashion_search.runtime import decode_threads
@@ -43,9 +43,7 @@ def parse_args(argv=None):
 def decodable_rows(dataset) -> np.ndarray:
     """Indices of rows whose image decodes (truncated, corrupt, missing or refused images are dropped, not fatal,
     and counted with their reasons)."""
-    from datasets import Image as ImageFeature
-
-    raw = dataset.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    raw = encoded_images(dataset).select_columns(["image"])
     keep, left_out = [], Counter()
     with ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode") as pool:
         for start in tqdm(range(0, len(raw), 1000), desc="check images", unit="batch", leave=False, disable=None):

@@ -1,8 +1,8 @@
 """What decoding in worker processes costs against decoding in the server's own process, in one run: decode alone
-(photos/s of single decodes on 1 and N threads, and of a bulk decode in batches), the JSON photo route (p50 and requests/s at 1 and 8 clients), and a catalog build
-(photos/s), each measured with the pool and with the same decode run in this process (photos.worker.decode under the
-same limiter, as before the pool existed), alternating, twice. Bounded: a fixed number of photos and requests, on
-127.0.0.1.
+(photos/s of single decodes on 1 and N threads, and of a bulk decode in batches), the JSON photo route (p50 and
+requests/s at 1 and 8 clients), and a catalog build (photos/s), each measured with the pool and with the same decode
+run in this process (photos.worker.decode under the same limiter, as before the pool existed), alternating, twice.
+Bounded: a fixed number of photos and requests, on 127.0.0.1.
 
 Usage: python benchmarks/decode_pool.py --run runs/clip-load --dataset data/full
 """
@@ -71,7 +71,8 @@ def build_rate(splits, encoder) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default="runs/clip-load", help="a clip.py run (its model and catalog serve the queries)")
+    parser.add_argument("--run", default="runs/clip-load",
+                        help="a clip.py run (its model and catalog serve the queries)")
     parser.add_argument("--dataset", default="data/full", help="a processed folder: its test photos are decoded, sent "
                         "and built from")
     parser.add_argument("--photos", type=int, default=2048, help="photos per decode and build measurement")
@@ -115,7 +116,8 @@ def main(argv=None):
                     p50_1, rate_1 = route(url, 1, args.requests // 2, paths)
                     p50_8, rate_8 = route(url, 8, args.requests, paths)
                     build = build_rate({"test": test}, service.encoder)
-                print(f"| {round_} | {mode} | {one:.0f} | {many:.0f} | {bulk:.0f} | {p50_1:.1f} | {rate_1:.1f} | {p50_8:.1f} | "
+                print(f"| {round_} | {mode} | {one:.0f} | {many:.0f} | {bulk:.0f} | {p50_1:.1f} | {rate_1:.1f} | "
+                      f"{p50_8:.1f} | "
                       f"{rate_8:.1f} | {build:.0f} |", flush=True)
     server.close()
 

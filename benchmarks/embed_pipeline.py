@@ -119,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["clip", "resnet"])
     args = parser.parse_args(argv)
     device = runtime.resolve_device(args.device)
-    batch = inference.embed_batch(device)
+    batch = inference.embed_batch_size(device)
     photos = product_photos(args.photos)
     print(f"torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "

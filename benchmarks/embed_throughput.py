@@ -2,7 +2,7 @@
 naive (fp32, the Hugging Face / torchvision preprocessing image by image) against ours (batched draft-mode JPEG
 decode, pre-decoded uint8 tensors, inference_mode, bf16 autocast where the CPU has it, channels_last for CNNs), eager
 compiled (accel.CompiledEmbed, what a catalog export uses; the compile time is reported apart), and int8 (what a
-very big catalog job uses on a CPU with int8 matrix units: embed.job_embed).
+very big catalog job uses on a CPU with int8 matrix units: embed.job_graph).
 Also the machine's measured matmul peak and each model's share of it (FLOPs per image x images/s).
 Random weights from the real configurations: same compute as the pretrained models, no download.
 
@@ -162,7 +162,7 @@ def main(argv=None):
         started = time.perf_counter()
         decode_seconds = decode_and_embed(data)
         eager = len(data) / (time.perf_counter() - started)
-        # What a big catalog job does (embed.job_embed): Inductor with frozen weights, compiled once up front.
+        # What a big catalog job does (embed.job_graph): Inductor with frozen weights, compiled once up front.
         with accel.CompiledEmbed(wrapped) as compiled:
             started = time.perf_counter()
             decode_and_embed(data[:args.batch_size], compiled)
@@ -170,7 +170,7 @@ def main(argv=None):
             started = time.perf_counter()
             decode_and_embed(data, compiled)
             ours = len(data) / (time.perf_counter() - started)
-        # What a very big catalog job does on a CPU with int8 units (embed.job_embed): an int8 graph, calibrated on
+        # What a very big catalog job does on a CPU with int8 units (embed.job_graph): an int8 graph, calibrated on
         # the first batch and checked against the model (setup timed apart, as the compile above).
         int8, int8_setup = None, 0.0
         if device.type == "cpu" and runtime.cpu_supports_int8():

@@ -154,7 +154,8 @@ def _vp8l(width: int, height: int) -> bytes:
 
 
 def webp_late_vp8x(side=8900) -> bytes:
-    """56 bytes: a lossless WebP whose bitstream names side x side, then a VP8X naming 1 x 1 that libwebp never reads."""
+    """59 bytes: a lossless WebP whose bitstream names side x side, then a VP8X naming 1 x 1, which libwebp never
+    reads."""
     vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0, 0, 0, 0]) + (0).to_bytes(3, "little") * 2
     chunks = _vp8l(side, side) + vp8x
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WEBP" + chunks

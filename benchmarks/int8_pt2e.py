@@ -87,7 +87,7 @@ def speed(args):
 
 def retrieval(args):
     """The retrieval metrics of a trained run (any model script), embedded as a very big catalog job embeds on this
-    CPU (embed.job_embed: an int8 graph calibrated on the job's first batch, inference.EMBED_BATCH photos) against
+    CPU (embed.job_graph: an int8 graph calibrated on the job's first batch, inference.EMBED_BATCH photos) against
     bf16 autocast."""
     import importlib
 

@@ -148,8 +148,8 @@ def main(argv=None):
                 safe_hostile = kind in HOSTILE and HOSTILE[kind][2] == "results"
                 # results: 5, or fewer where the JSON route folds near-duplicates into one (a barely trained model
                 # embeds many products alike)
-                outcome = ("ok" if not bad else "bad answered") if (1 <= len(result) <= 5 and (not bad or safe_hostile)) \
-                    else "server errors"
+                answered = 1 <= len(result) <= 5 and (not bad or safe_hostile)
+                outcome = ("ok" if not bad else "bad answered") if answered else "server errors"
                 if outcome == "server errors":
                     failures.append((route, kind, f"unexpected result {result!r:.100}"))
             except Exception as exc:  # noqa: BLE001 - classified below

@@ -18,7 +18,7 @@ import torch
 
 from fashion_search import checkpoint
 from fashion_search.data import SPLITS, image_cache, load_processed
-from fashion_search.embed import job_embed
+from fashion_search.embed import job_graph
 from fashion_search.inference import EMBED_BATCH, embed_images
 from fashion_search.pipeline import load_trained
 from fashion_search.runs import load_split
@@ -45,15 +45,15 @@ def index_costs(vectors: np.ndarray, queries: np.ndarray) -> tuple[float, float,
 
 def model_throughput(run: Path, photos: np.ndarray, total: int, runtime: Runtime) -> float:
     """photos/s of the trained model on ``photos`` (uint8 [N, 3, S, S]), through the path --embed-only takes for a
-    catalog of ``total`` photos (eager, compiled or int8: fashion_search.embed.job_embed decides)."""
+    catalog of ``total`` photos (eager, compiled or int8: fashion_search.embed.job_graph decides)."""
     name = checkpoint.load(run / "best.pt")["script"]
     script = importlib.import_module(name)
     model, _ = load_trained(run, name, script.build_model, runtime.device)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
     model = model.for_inference()
-    sized = [np.broadcast_to(photos[:1], (total, *photos.shape[1:]))]  # what job_embed sees: the catalog's size
-    with job_embed(model, sized, runtime.device, runtime.dtype, EMBED_BATCH) as compiled:
+    sized = [np.broadcast_to(photos[:1], (total, *photos.shape[1:]))]  # what job_graph sees: the catalog's size
+    with job_graph(model, sized, runtime.device, runtime.dtype, EMBED_BATCH) as compiled:
         embed_images(model, photos[:EMBED_BATCH], runtime.device, runtime.dtype, EMBED_BATCH, progress=False,
                      compiled=compiled)  # warm-up (and the compile, if any)
         started = time.perf_counter()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fashion_search.inference import embed_images
+from fashion_search.inference import embed_images, photos_224px
 from fashion_search.runtime import autocast, cpu_supports_int8
 from fashion_search.transforms import normalize
 
@@ -27,7 +27,7 @@ INT8_MIN_COSINE = 0.99
 
 def worth_int8(model, images: int, image_size: int, device: torch.device) -> bool:
     return (device.type == "cpu" and cpu_supports_int8() and model.int8_worthwhile
-            and images * (image_size / 224) ** 2 >= INT8_FROM_224PX_IMAGES)
+            and photos_224px(images, image_size) >= INT8_FROM_224PX_IMAGES)
 
 
 class CompiledEmbed:

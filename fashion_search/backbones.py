@@ -14,6 +14,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+CLIP_HUB_MODEL = "openai/clip-vit-base-patch32"  # clip.py fine-tunes it; the app falls back to it zero-shot
 
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -74,15 +75,16 @@ def load_pretrained(loader, name: str, what: str):
 
 
 def clip_image_features(clip, pixel_values):
-    """Projected CLIP image embeddings [B, projection_dim] (transformers 4 returns a tensor, 5 an output)."""
+    """Projected CLIP image embeddings [B, projection_dim] (transformers 5 returns them as the output's pooler
+    output)."""
     size = clip.config.vision_config.image_size
-    out = clip.get_image_features(pixel_values=pixel_values, interpolate_pos_encoding=pixel_values.shape[-1] != size)
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
+    return clip.get_image_features(pixel_values=pixel_values,
+                                   interpolate_pos_encoding=pixel_values.shape[-1] != size).pooler_output
 
 
 def clip_text_features(clip, input_ids, attention_mask):
-    out = clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
+    """Projected CLIP text embeddings [B, projection_dim]."""
+    return clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
 def char_tokenizer():

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fashion_search.metrics import relevance, search
+from fashion_search.metrics import TOP_K, relevance, search
 
 FILE = "calibration.json"
-TOP_K = 5
 
 
 def result_pairs(query_embeddings, query_labels, gallery_embeddings, gallery_labels, k=TOP_K):

@@ -22,12 +22,12 @@ import numpy as np
 
 from fashion_search import calibration
 from fashion_search.files import atomic_write_json
-from fashion_search.metrics import search
+from fashion_search.runtime import add_device_arg
+from fashion_search.metrics import TOP_K, search
 
 MIN_TARGETS = 5
 MAX_QUERIES = 2000
 WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-K = 5
 
 
 def colour_queries(query_meta, gallery_meta, seed=0, limit=MAX_QUERIES, min_targets=MIN_TARGETS
@@ -63,7 +63,7 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 
 
 def success(indices: np.ndarray, gallery_meta, queries) -> tuple[float, float]:
-    """(success@K: share of the top K with type T and colour C2, share with type T) over the queries."""
+    """(success@5: share of the top TOP_K with type T and colour C2, share with type T) over the queries."""
     types = gallery_meta["articleType"].to_numpy()[indices]
     colours = gallery_meta["baseColour"].to_numpy()[indices]
     wanted_type = np.asarray([article for _, article, _ in queries])[:, None]
@@ -86,12 +86,12 @@ def protocol_vectors(queries, photos: np.ndarray, embed_text) -> dict[str, np.nd
 
 
 def figures(parts: dict, gallery: np.ndarray, gallery_meta, queries, weight: float) -> dict:
-    """success@K and the type-T share of every query form, at one weight."""
+    """success@5 and the type-T share of every query form, at one weight."""
     forms = {"photo alone": parts["photo"], "colour word alone": parts["word"], '"C2 T" text': parts["phrase"],
              "composed": unit(parts["photo"] + weight * parts["word"])}
     out = {}
     for name, vectors in forms.items():
-        _, indices = search(np.ascontiguousarray(vectors, dtype=np.float32), gallery, K)
+        _, indices = search(np.ascontiguousarray(vectors, dtype=np.float32), gallery, TOP_K)
         hit, same_type = success(indices, gallery_meta, queries)
         out[name] = {"success@5": round(hit, 4), "type T share": round(same_type, 4)}
     return out
@@ -102,7 +102,7 @@ def choose_weight(parts, gallery, gallery_meta, queries) -> tuple[float, dict]:
     scores = {}
     for weight in WEIGHTS:
         vectors = unit(parts["photo"] + weight * parts["word"])
-        _, indices = search(np.ascontiguousarray(vectors, dtype=np.float32), gallery, K)
+        _, indices = search(np.ascontiguousarray(vectors, dtype=np.float32), gallery, TOP_K)
         scores[weight] = round(success(indices, gallery_meta, queries)[0], 4)
     return max(scores, key=scores.get), scores
 
@@ -113,7 +113,7 @@ def colour_evidence(run_dir, train, train_meta) -> dict:
     from fashion_search.runs import load_split
 
     photos, meta = load_split(run_dir, "test")
-    _, indices = search(np.ascontiguousarray(photos, dtype=np.float32), train, K)
+    _, indices = search(np.ascontiguousarray(photos, dtype=np.float32), train, TOP_K)
     colours = train_meta["baseColour"].to_numpy()[indices]
     types = train_meta["articleType"].to_numpy()[indices]
     same_colour = colours == meta["baseColour"].to_numpy()[:, None]
@@ -165,12 +165,12 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
 
         def val_check(candidate):
             vectors = combiners.combine(candidate, val_parts["photo"], val_parts["word"])
-            _, indices = search(np.ascontiguousarray(vectors, dtype=np.float32), train, K)
+            _, indices = search(np.ascontiguousarray(vectors, dtype=np.float32), train, TOP_K)
             return success(indices, train_meta, val_queries)[0]
         model, log = combiners.fit(train, train_meta, words, val_check, epochs=combiner_epochs,
                                    min_targets=min_targets)
         for split, (queries, parts) in by_split.items():
-            _, indices = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train, K)
+            _, indices = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train, TOP_K)
             hit, same_type = success(indices, train_meta, queries)
             report[split]["composed (combiner)"] = {"success@5": round(hit, 4), "type T share": round(same_type, 4)}
         combiners.save(model, run_dir, {"fitted_on": "train-split triplets (photo, colour word, train photos of its "
@@ -180,7 +180,7 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
 
     def pairs(split):
         queries, parts = by_split[split]
-        scores, indices = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train, K)
+        scores, indices = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train, TOP_K)
         types = train_meta["articleType"].to_numpy()[indices]
         colours = train_meta["baseColour"].to_numpy()[indices]
         wanted = np.asarray([[article, colour] for _, article, colour in queries])
@@ -213,7 +213,7 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a clip.py run with a usable text tower")
-    parser.add_argument("--device", default="cpu")
+    add_device_arg(parser)
     parser.add_argument("--combiner", action=argparse.BooleanOptionalAction, default=True,
                         help="also train the combiner and use it for composed queries")
     parser.add_argument("--combiner-epochs", type=int, default=12)

@@ -81,9 +81,7 @@ def photo_ids(split, spec: str) -> list:
     """Ids for photos that come without an id column: their file names (numbers where every name is one), or, where
     a photo has no file name, one made from its content, so that the same photo gets the same id in every run and two
     runs of catalog.py add never take each other's ids. The same file name twice is an error, not a silent rename."""
-    from datasets import Image as ImageFeature
-
-    cells = split.cast_column("image", ImageFeature(decode=False))["image"]
+    cells = encoded_images(split)["image"]
     stems = [Path(cell["path"]).stem if cell.get("path") else "" for cell in cells]
     named = [stem for stem in stems if stem]
     if len(set(named)) < len(named):
@@ -123,6 +121,14 @@ def metadata_frame(split_ds, split_name: str, every_column: bool = False, rows=N
     frame.insert(0, "row", np.arange(len(frame)) if rows is None else np.asarray(rows, dtype=np.int64))
     frame.insert(1, "split", split_name)
     return frame
+
+
+def encoded_images(split):
+    """A split whose image column holds each photo's cells as stored (bytes or a path), never decoded by datasets:
+    photos from outside are decoded through the gate alone."""
+    from datasets import Image as ImageFeature
+
+    return split.cast_column("image", ImageFeature(decode=False))
 
 
 def cell_bytes(cell) -> bytes:
@@ -172,15 +178,15 @@ def image_cache(split_ds, size: int, cache_dir) -> tuple[np.ndarray, np.ndarray]
     """Decode every image of a split once, resized to size x size, into a uint8 [N, 3, S, S] .npy that is
     memory-mapped afterwards, so that no epoch decodes a JPEG twice. Returns (images, ok) where ok[i] is
     False for rows whose image could not be decoded (their pixels are zero; callers skip them)."""
-    from datasets import Image as ImageFeature
-
+    # datasets has no public content hash of a split; _fingerprint is its own cache key (a hash of the files read and
+    # every transform since), so a changed split never reads a stale cache
     key = f"{split_ds._fingerprint}-{len(split_ds)}-{size}"
     cache_dir = Path(cache_dir)
     images_path, ok_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.ok.npy"
     if images_path.exists() and ok_path.exists():
         return np.load(images_path, mmap_mode="r"), np.load(ok_path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    raw = split_ds.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    raw = encoded_images(split_ds).select_columns(["image"])
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".npy")
     os.close(fd)
     try:

@@ -60,14 +60,13 @@ def finish():
     _world = World()
 
 
-def shard(batch: list[int]) -> tuple[list[int], int]:
-    """This rank's contiguous part of a global batch and its offset in it (a class-balanced batch of P classes x K
-    stays class-balanced on every rank when N divides P)."""
+def shard(batch: list[int]) -> list[int]:
+    """This rank's contiguous part of a global batch (a class-balanced batch of P classes x K stays class-balanced on
+    every rank when N divides P)."""
     if _world.size == 1:
-        return batch, 0
+        return batch
     bounds = np.linspace(0, len(batch), _world.size + 1).astype(int)
-    start, end = bounds[_world.rank], bounds[_world.rank + 1]
-    return batch[start:end], int(start)
+    return batch[bounds[_world.rank]:bounds[_world.rank + 1]]
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fashion_search.data import metadata_frame, split_rows
-from fashion_search.inference import embed_images
+from fashion_search.inference import embed_images, photos_224px
 from fashion_search.runs import write_embeddings
 
 
@@ -22,11 +22,11 @@ GPU_COMPILE_FROM_224PX_IMAGES = 2_000_000
 
 def worth_compiling(images: int, image_size: int, device="cpu") -> bool:
     start = GPU_COMPILE_FROM_224PX_IMAGES if torch.device(device).type == "cuda" else COMPILE_FROM_224PX_IMAGES
-    return images * (image_size / 224) ** 2 >= start
+    return photos_224px(images, image_size) >= start
 
 
 @contextlib.contextmanager
-def job_embed(model, image_sets: list[np.ndarray], device, dtype, batch_size, int8=True, total=None):
+def job_graph(model, image_sets: list[np.ndarray], device, dtype, batch_size, int8=True, total=None):
     """What a batch job over ``image_sets`` (uint8 [N, 3, S, S] each) passes to embed_images as ``compiled``: None
     (eager) for a small job, a CompiledEmbed for a big one, and for a very big one on a CPU with int8 matrix units
     (unless ``int8`` is False) an int8 graph calibrated on its first batch, when it agrees with the model. Every graph
@@ -65,7 +65,7 @@ def embed_splits(model, splits: dict, run_dir, args, runtime, ray_factory=None) 
         for (split, (rows, split_ds)), embeddings in zip(prepared.items(), vectors):
             write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split, rows=rows.rows))
         return runtime.precision_name
-    with job_embed(model, image_sets, runtime.device, runtime.dtype, args.eval_batch_size,
+    with job_graph(model, image_sets, runtime.device, runtime.dtype, args.eval_batch_size,
                    int8=args.precision == "auto") as compiled:  # one graph for every split
         for split, (rows, split_ds) in prepared.items():
             embeddings = embed_images(model, rows.images, runtime.device, runtime.dtype, args.eval_batch_size,
@@ -73,5 +73,5 @@ def embed_splits(model, splits: dict, run_dir, args, runtime, ray_factory=None) 
             write_embeddings(run_dir, split, embeddings, metadata_frame(split_ds, split, rows=rows.rows))
     from fashion_search.accel import CompiledEmbed
 
-    int8 = compiled is not None and not isinstance(compiled, CompiledEmbed)  # job_embed yields nothing else
+    int8 = compiled is not None and not isinstance(compiled, CompiledEmbed)  # job_graph yields nothing else
     return "int8" if int8 else runtime.precision_name

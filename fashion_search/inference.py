@@ -16,7 +16,13 @@ EMBED_BATCH = 64
 GPU_EMBED_BATCH = 512
 
 
-def embed_batch(device) -> int:
+def photos_224px(images: int, image_size: int) -> float:
+    """A job's size in 224 px photos, what the compile and int8 thresholds count: a photo's cost grows with its
+    pixels (a 64 px one costs ~12x less than a 224 px one)."""
+    return images * (image_size / 224) ** 2
+
+
+def embed_batch_size(device) -> int:
     return GPU_EMBED_BATCH if torch.device(device).type == "cuda" else EMBED_BATCH
 
 
@@ -26,9 +32,9 @@ def embed_images(model, images: np.ndarray, device, dtype, batch_size=None, desc
     """uint8 [N, 3, S, S] -> float32 [N, D], L2-normalised, in batches under inference_mode + autocast, for any
     fashion_search.model.Embedder (its normalisation and memory format).
     With ``compiled`` (a CompiledEmbed or an int8 graph of model.embed), every batch runs through it at one shape
-    (the last one padded with zeros) so that it compiles once. ``batch_size``: embed_batch(device) unless given."""
+    (the last one padded with zeros) so that it compiles once. ``batch_size``: embed_batch_size(device) unless given."""
     model.eval()
-    batch_size = batch_size or embed_batch(device)
+    batch_size = batch_size or embed_batch_size(device)
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
                       disable=None if progress else True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+TOP_K = 5  # the results a search shows (the page's five), and the k of the headline metrics and the calibration
 HEADLINE_KEYS = ("precision@5", "recall@5", "accuracy@5", "precision@1", "map@r", "macro_precision@5")
 CURVE_K = 20
 

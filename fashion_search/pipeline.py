@@ -13,10 +13,10 @@ from fashion_search.data import SPLITS, catalog_splits, dataset_name, load_proce
 from fashion_search.embed import embed_splits
 from fashion_search.errors import UserError
 from fashion_search.files import atomic_write_json, git_commit
-from fashion_search.inference import EMBED_BATCH, GPU_EMBED_BATCH, embed_batch
+from fashion_search.inference import EMBED_BATCH, GPU_EMBED_BATCH, embed_batch_size
 from fashion_search.metrics import HEADLINE_KEYS
 from fashion_search.runs import Run, calibrate_run, evaluate_run
-from fashion_search.runtime import Runtime, device_arg, positive_int, set_seed
+from fashion_search.runtime import Runtime, add_device_arg, positive_int, set_seed
 from fashion_search.samplers import ShuffledBatches
 from fashion_search.training import fit
 
@@ -45,7 +45,7 @@ def add_common_args(parser: argparse.ArgumentParser, image_size: int, batch_size
              "out first, and training stops in time for a last validation (fair comparisons on a shared CPU)")
     add("--limit", type=positive_int, default=None, help="use at most this many rows per split (quick runs)")
     add("--seed", type=int, default=0)
-    add("--device", type=device_arg, default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    add_device_arg(parser)
     add("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
         help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32, and int8 to embed a "
              "catalog of 20k+ photos on a CPU with int8 units (checked against the model first)")
@@ -91,7 +91,7 @@ def prepare(args, name: str) -> Runtime:
                   f"({torch.distributed.get_backend()}), global batch {args.batch_size}")
     set_seed(args.seed)  # the same on every rank: identical initial weights
     runtime = Runtime.create(args.device, args.precision)
-    args.eval_batch_size = args.eval_batch_size or embed_batch(runtime.device)
+    args.eval_batch_size = args.eval_batch_size or embed_batch_size(runtime.device)
     return runtime
 
 

@@ -30,6 +30,12 @@ def device_arg(value: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device {value!r} (use auto, cpu, cuda or cuda:N)")
 
 
+def add_device_arg(parser):
+    """--device, as every command takes it."""
+    parser.add_argument("--device", type=device_arg, default="auto",
+                        help="where the model runs: auto (cuda where a GPU is, else cpu), cpu, cuda or cuda:N")
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:

@@ -77,7 +77,7 @@ class RankShard:
 
     def __iter__(self):
         for batch in self.batches:
-            yield distributed.shard(batch)[0]
+            yield distributed.shard(batch)
 
 
 def batches(dataset, batch_sampler) -> torch.utils.data.DataLoader:

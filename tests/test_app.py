@@ -27,6 +27,7 @@ def catalog_photo(service, position=0):
     return int(key), service.catalog.image_bytes(key)
 
 
+@pytest.mark.slow
 def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_runs):
     """After compile_queries(), every batch size the MicroBatcher forms (1-16) runs through the two graphs compiled
     at start (batch 1 in bf16, and 8 with padding in int8, calibrated on photos): no compile on a user's query, and

@@ -36,7 +36,7 @@ def test_micro_batcher_waits_for_as_many_requests_as_its_last_batch_and_no_more(
         gate.wait(5)  # the first batch holds until three more requests are queued: they form a batch of 3
         return batch
 
-    batcher = MicroBatcher(record, max_batch=16, max_wait=1.0, memory=30)
+    batcher = MicroBatcher(record, max_batch=16, max_wait=1.0, recent_seconds=30)
     first = threading.Thread(target=batcher, args=(np.zeros(1),))
     first.start()
     while not sizes:

@@ -10,6 +10,8 @@ import torch
 from conftest import child_env, loopback_namespace, tiny_args
 from fashion_search.files import REPO_DIR
 
+pytestmark = pytest.mark.slow  # child processes that start clusters or process groups
+
 # A model without BatchNorm (CLIP: LayerNorm only), so that 2 shards of 8 compute what one batch of 16 does; fp32,
 # so that the only differences are the order of float sums. The image-text term gathers across ranks.
 ARGS = ("--max-steps", "2", "--epochs", "1", "--precision", "fp32", "--text-loss-weight", "0.5", "--head", "cosine")

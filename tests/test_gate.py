@@ -184,9 +184,9 @@ def send_to(url, route, data, file_name, tmp_path, photo_server):
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_photos_through_the_app_cost_little_and_stall_nobody(app_process, photo_server, name, route,
                                                                       tmp_path):
-    """Every route that takes a photo (a URL's body too): each hostile one is answered within 2 s (results, or its message), the
-    server's peak RSS grows by at most 300 MB (it never decodes), no decode worker passes its limit, and a good query
-    from another client meanwhile is answered within 2 s."""
+    """Every route that takes a photo (a URL's body too): each hostile one is answered within 2 s (results, or its
+    message), the server's peak RSS grows by at most 300 MB (it never decodes), no decode worker passes its limit,
+    and a good query from another client meanwhile is answered within 2 s."""
     from fashion_search.photos.pool import WORKER_MEMORY
 
     process, url, gradio_cache = app_process

@@ -250,6 +250,7 @@ def tiny_resnet_classifier():
     return accel.fold_batchnorm(resnet.ResNetClassifier(backbone, 512, torch.nn.Linear(512, 3, bias=False)).eval())
 
 
+@pytest.mark.slow
 def test_compiled_embedding_matches_eager_and_compiles_once():
     """A big export runs through CompiledEmbed: the same embeddings as eager, one graph for every batch and split
     (the last batch is padded), and nothing compiled left behind."""
@@ -272,41 +273,41 @@ def test_compiled_embedding_matches_eager_and_compiles_once():
 def test_gpu_jobs_take_batches_of_hundreds_and_decode_on_every_core_but_one(monkeypatch):
     from fashion_search import inference, runtime
 
-    assert inference.embed_batch("cpu") == inference.EMBED_BATCH < inference.embed_batch("cuda")
+    assert inference.embed_batch_size("cpu") == inference.EMBED_BATCH < inference.embed_batch_size("cuda")
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 16)
     assert (runtime.decode_threads(), runtime.decode_threads(beside="cuda"), runtime.decode_threads(beside="cpu")) \
         == (16, 15, 1)
 
 
 def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monkeypatch, capsys):
-    """job_embed picks eager, a frozen bf16 graph or an int8 one by job size; the int8 graph covers a ResNet (whose
+    """job_graph picks eager, a frozen bf16 graph or an int8 one by job size; the int8 graph covers a ResNet (whose
     shared ReLU modules fold_batchnorm splits for the quantizer) and stays close to the model; where quantising
     fails, the bf16 graph does the job. (Refusal by cosine: tests/test_app.py.)"""
     model = tiny_resnet_classifier()
     images = np.random.default_rng(2).integers(0, 255, (40, 3, 32, 32), dtype=np.uint8)
     cpu = torch.device("cpu")
     eager = embed_images(model, images, cpu, None, batch_size=16, progress=False)
-    with embed.job_embed(model, [images], cpu, None, 16) as compiled:
+    with embed.job_graph(model, [images], cpu, None, 16) as compiled:
         assert compiled is None  # 40 photos of 32 px: not worth compiling
     monkeypatch.setattr(embed, "COMPILE_FROM_224PX_IMAGES", 0)
     monkeypatch.setattr(accel, "INT8_FROM_224PX_IMAGES", 0)
     monkeypatch.setattr(accel, "cpu_supports_int8", lambda: True)
     assert accel.worth_int8(model, 40, 32, cpu) and not accel.worth_int8(model, 40, 32, torch.device("cuda"))
     assert not accel.worth_int8(vae.VAEClassifier, 40, 32, cpu)  # its int8 encoder was no faster: it stays bf16
-    with embed.job_embed(model, [images[:30], images[30:]], cpu, None, 16) as compiled:
+    with embed.job_graph(model, [images[:30], images[30:]], cpu, None, 16) as compiled:
         assert not isinstance(compiled, accel.CompiledEmbed), "no int8 graph"
         quantized = np.concatenate([embed_images(model, part, cpu, None, 16, progress=False, compiled=compiled)
                                     for part in (images[:30], images[30:])])
     cosines = np.sum(quantized * eager, axis=1)
     assert np.all(cosines > accel.INT8_MIN_COSINE) and np.any(cosines < 0.99999), cosines  # int8: close, not equal
     assert "through an int8 graph" in capsys.readouterr().out
-    with embed.job_embed(model, [images], cpu, None, 16, int8=False) as compiled:  # --precision bf16, --no-int8
+    with embed.job_graph(model, [images], cpu, None, 16, int8=False) as compiled:  # --precision bf16, --no-int8
         assert isinstance(compiled, accel.CompiledEmbed)
 
     def refused(*args):  # as torchao refused ResNets before fold_batchnorm split their ReLUs
         raise ValueError("Input partition has more than one output node")
     monkeypatch.setattr(accel, "quantize_int8", refused)
-    with embed.job_embed(model, [images], cpu, None, 16) as compiled:
+    with embed.job_graph(model, [images], cpu, None, 16) as compiled:
         assert isinstance(compiled, accel.CompiledEmbed)
     assert "int8 embedding skipped: ValueError" in capsys.readouterr().out
 

@@ -10,6 +10,8 @@ import pytest
 from conftest import child_env, loopback_namespace
 from fashion_search.files import REPO_DIR
 
+pytestmark = pytest.mark.slow  # child processes that start clusters or process groups
+
 
 def test_ray_actors_embed_what_the_local_loop_does(trained_runs, hub_dataset, cache_dir, tmp_path):
     pytest.importorskip("ray")

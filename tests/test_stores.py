@@ -41,7 +41,8 @@ def milvus_server(tmp_path_factory):
     assert not left, f"milvus processes left running: {left}"
 
 
-BACKENDS = ["faiss", "lite", "server"] + (["env"] if os.environ.get("MILVUS_URI") else [])
+BACKENDS = ["faiss", "lite", pytest.param("server", marks=pytest.mark.slow)] + (
+    ["env"] if os.environ.get("MILVUS_URI") else [])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -23,18 +23,19 @@ class MicroBatcher:
     slightly different times, so their next requests arrive spread over a few milliseconds. A fixed short window split
     every round of 8 clients into a batch of 1 and a batch of 7 (BENCHMARKS.md, section 3), paying for one whole
     batch-1 forward pass per round. So the worker waits, at most ``max_wait`` seconds, until as many requests as the largest
-    batch of the last ``memory`` seconds are there; a lone client (largest recent batch: 1) never waits.
+    batch of the last ``recent_seconds`` are there; a lone client (largest recent batch: 1) never waits.
 
     At most ``max_pending`` requests wait: one more is refused at once (Busy). No request waits longer than
     ``timeout`` seconds for its answer, and a batch the model fails on fails only its own requests (ModelFailure)."""
 
-    def __init__(self, fn, max_batch=16, max_wait=0.03, memory=1.0, max_pending=MAX_PENDING, timeout=60.0):
+    def __init__(self, fn, max_batch=16, max_wait=0.03, recent_seconds=1.0, max_pending=MAX_PENDING, timeout=60.0):
         import queue
 
-        self.fn, self.max_batch, self.max_wait, self.memory, self.timeout = fn, max_batch, max_wait, memory, timeout
+        self.fn, self.max_batch, self.max_wait, self.timeout = fn, max_batch, max_wait, timeout
+        self.recent_seconds = recent_seconds
         self.requests = queue.Queue(maxsize=max_pending)
         self.adding = threading.Lock()
-        self.recent = collections.deque()  # (finished at, batch size) of the batches of the last `memory` seconds
+        self.recent = collections.deque()  # (finished at, batch size) of the batches of the last `recent_seconds`
         threading.Thread(target=self._work, daemon=True, name="embed-batcher").start()
 
     def __call__(self, item):
@@ -63,8 +64,8 @@ class MicroBatcher:
             raise Busy(f"busy: no answer within {self.timeout:g} s, try again") from None
 
     def expected_batch(self, now: float) -> int:
-        """How many requests to wait for: the largest batch of the last `memory` seconds (1 when idle)."""
-        while self.recent and now - self.recent[0][0] > self.memory:
+        """How many requests to wait for: the largest batch of the last `recent_seconds` (1 when idle)."""
+        while self.recent and now - self.recent[0][0] > self.recent_seconds:
             self.recent.popleft()
         return min(self.max_batch, max((size for _, size in self.recent), default=1))
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from fashion_search.data import decode_cells, metadata_frame, report_left_out
-from fashion_search.embed import job_embed
+from fashion_search.data import decode_cells, encoded_images, metadata_frame, report_left_out
+from fashion_search.embed import job_graph
 from fashion_search.files import atomic_write, atomic_write_json
-from fashion_search.inference import embed_batch
+from fashion_search.inference import embed_batch_size
 from fashion_search.runtime import decode_threads
 
 CHUNK = 2_048  # photos per chunk: a few seconds of work on a CPU, what a kill can lose
@@ -58,11 +58,9 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
     """Every decodable photo of the splits embedded with the encoder: (float32 [N, D], row metadata with split and
     row), chunk by chunk, resuming from the chunks already in ``folder``. ``on_chunk(done, total)``, in photos: once
     before the first chunk is embedded (done: the photos of the chunks resumed from disk), then after each chunk."""
-    from datasets import Image as ImageFeature
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    raw = {name: split.cast_column("image", ImageFeature(decode=False)).select_columns(["image"])
+    raw = {name: encoded_images(split).select_columns(["image"])
            for name, split in splits.items()}
     places = [(name, row) for name, split in splits.items() for row in range(len(split))]
     chunks = [places[start:start + chunk] for start in range(0, len(places), chunk)]
@@ -90,7 +88,7 @@ def embed_in_chunks(splits: dict, encoder, folder: Path, chunk: int = CHUNK, on_
         # The job's graph (compiled, or int8 on a CPU with int8 units) is chosen for the whole catalog and calibrated
         # on its first chunk, whatever is left to embed: a resumed build computes what an uninterrupted one does.
         sample = [] if not todo else [decoded[0] if todo[0] == 0 else decode(chunks[0])[0]]
-        with job_embed(encoder, sample, encoder.device, encoder.dtype, embed_batch(encoder.device),
+        with job_graph(encoder, sample, encoder.device, encoder.dtype, embed_batch_size(encoder.device),
                        total=len(places)) as compiled:
             done = sum(len(chunks[i]) for i in found if found[i] is not None)
             bar = tqdm(total=len(places), initial=done, desc="embed catalog", unit="photo", disable=None)

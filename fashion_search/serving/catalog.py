@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fashion_search.data import SPLITS, catalog_splits, cell_bytes, image_cache, load_processed, metadata_frame
+from fashion_search.data import (SPLITS, catalog_splits, cell_bytes, encoded_images, image_cache, load_processed,
+                                 metadata_frame)
 from fashion_search.errors import UserError
 from fashion_search.files import fingerprint, remembered_sha256
+from fashion_search.metrics import TOP_K
+from fashion_search.serving.query import check_page
 from fashion_search.photos.pool import decode_square
 from fashion_search.serving import gate
 from fashion_search.serving.gate import item_id
@@ -20,20 +23,10 @@ from fashion_search.serving import duplicates
 from fashion_search.serving.build import embed_in_chunks
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
 from fashion_search.errors import QueryError
-from fashion_search.serving.front import Startup
 from fashion_search.stores import FILTER_COLUMNS, SEARCH_DEPTH, Match, as_text, open_store
 
-TOP_K = 5
-MAX_K = 100  # results in one page
 MAX_CHOICES = 1_000
 ANY = "Any"
-
-
-def check_page(k, offset):
-    if not (isinstance(k, int) and 1 <= k <= MAX_K):
-        raise QueryError(f"k is a whole number from 1 to {MAX_K}")
-    if not (isinstance(offset, int) and 0 <= offset and offset + k <= SEARCH_DEPTH):
-        raise QueryError(f"offset is a whole number from 0, with offset + k at most {SEARCH_DEPTH}")
 
 
 def split_values(value) -> list[str]:
@@ -194,13 +187,15 @@ def item_records(meta: pd.DataFrame) -> tuple[list[str], list[dict]]:
 
 def dataset_image_bytes(splits: dict):
     """(split, row) -> the row's encoded image bytes, as stored in the dataset (decoded only for display)."""
-    from datasets import Image as ImageFeature
-
-    raw = {name: split.cast_column("image", ImageFeature(decode=False)) for name, split in splits.items()}
+    raw = {name: encoded_images(split) for name, split in splits.items()}
 
     def get(split, row):
         return cell_bytes(raw[split][int(row)]["image"])
     return get
+
+
+def quiet(phase: str, done: int | None = None, total: int | None = None):
+    """The progress callback of a build that reports to no one."""
 
 
 def catalog_source(dataset: str | None) -> str:
@@ -212,16 +207,17 @@ def catalog_source(dataset: str | None) -> str:
 
 
 def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir: str,
-                     index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None,
+                     index: str = "faiss", ray_actors: int = 0, progress=None,
                      rebuild: bool = True) -> Catalog:
     """The fine-tuned run's own embeddings of every split (the whole catalog), or, with --dataset, that dataset
     embedded with the run's model (by Ray actors with ray_actors), in the store ``index`` names. Each phase is
-    reported to ``progress``. Without ``rebuild``, an index of another source is refused (stores.OtherCatalog)."""
-    progress = progress or Startup()
+    reported to ``progress`` (``progress(phase)`` as a phase begins, ``progress(phase, done, total)`` as photos are
+    embedded). Without ``rebuild``, an index of another source is refused (stores.OtherCatalog)."""
+    progress = progress or quiet
     if dataset:
         return catalog_from_dataset(dataset, encoder, run / "index", cache_dir, str(run / "hf_model"), index,
                                     ray_actors, progress, rebuild)
-    progress.begin("loading the catalog")
+    progress("loading the catalog")
     args = json.loads((run / "args.json").read_text())
     data, _ = load_processed(args["data"])
     paths = {split: run / "embeddings" / f"{split}.npy" for split in SPLITS}
@@ -241,7 +237,7 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
             raise UserError(f"{run}/embeddings have dimension {embeddings.shape[1]} but {run}/hf_model "
                             f"embeds to {encoder.dim}: the run's files do not belong together")
         keys, records = item_records(pd.concat([meta for _, meta in splits]))
-        progress.begin("building the index")
+        progress("building the index")
         store.build(built_from, keys, embeddings, records)
     return Catalog(store, PhotoSource(data, run / "index" / "photos"))
 
@@ -277,26 +273,29 @@ def embed_dataset(splits: dict, encoder: Encoder, cache_dir: str, chunks: Path, 
 
 
 def catalog_from_dataset(spec: str, encoder: Encoder, index_dir: Path, cache_dir: str, model_id: str,
-                         index: str = "faiss", ray_actors: int = 0, progress: Startup | None = None,
+                         index: str = "faiss", ray_actors: int = 0, progress=None,
                          rebuild: bool = True):
     """Embed a whole dataset (hub name, hub-layout or processed folder, or a folder of image files) and index it;
     the store keeps it (a FAISS store in index_dir), so a second start embeds nothing. Each phase, and the
-    embedding's photos done, is reported to ``progress``."""
-    progress = progress or Startup()
-    progress.begin("loading the catalog")
+    embedding's photos done, is reported to ``progress`` (as catalog_from_run's)."""
+    progress = progress or quiet
+    progress("loading the catalog")
     splits = catalog_splits(spec)
     weights = sorted(Path(model_id).glob("*.safetensors")) if Path(model_id).is_dir() else []
     parts = {"model": remembered_sha256(weights[0], Path(index_dir) / HASH_LEDGER) if weights else model_id,
              "image_size": encoder.image_size,
+             # datasets' own hash of each split (its cache key; there is no public one): a changed dataset rebuilds
              "records": RECORDS_VERSION, **{f"data:{name}": split._fingerprint for name, split in splits.items()}}
     built_from = f"{catalog_source(spec)}#{fingerprint(parts)}"
     store = open_store(index, index_dir, encoder.dim, built_from, rebuild=rebuild)
     if store.fingerprint != built_from:
         chunks = Path(index_dir) / f"build-{built_from[:16]}"  # the embedded chunks, kept until the index is whole
-        progress.begin("embedding the catalog" + (" on Ray" if ray_actors else ""))
-        embeddings, meta = embed_dataset(splits, encoder, cache_dir, chunks, ray_actors, progress.advance)
+        phase = "embedding the catalog" + (" on Ray" if ray_actors else "")
+        progress(phase)
+        embeddings, meta = embed_dataset(splits, encoder, cache_dir, chunks, ray_actors,
+                                         lambda done, total: progress(phase, done, total))
         keys, records = item_records(meta)
-        progress.begin("building the index")
+        progress("building the index")
         store.build(built_from, keys, embeddings, records)
         shutil.rmtree(chunks, ignore_errors=True)
     return Catalog(store, PhotoSource(splits, index_dir / "photos"))

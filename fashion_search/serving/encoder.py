@@ -17,7 +17,6 @@ from fashion_search.serving.batching import MAX_PENDING, MicroBatcher
 from fashion_search.errors import QueryError
 from fashion_search.files import read_json
 
-HUB_MODEL = "openai/clip-vit-base-patch32"
 
 
 TEXT_TOWER_FILE = "text_tower.json"  # written by clip.py beside the exported model
@@ -85,7 +84,7 @@ class Encoder:
         self.model.to(self.device, dtype=self.dtype or torch.float32)
         self.dim = self.model.config.projection_dim
         self.text_search, self.text_search_why = text_tower_usable(model_path)
-        self.int8_worthwhile = int8  # False: a very big catalog embeds in bf16 too (fashion_search.embed.job_embed)
+        self.int8_worthwhile = int8  # False: a very big catalog embeds in bf16 too (fashion_search.embed.job_graph)
         self.query_model = None  # QueryGraphs once compile_queries() ran; None = eager
         # room for MAX_PENDING single queries and one batch request's photos at once
         self.batcher = MicroBatcher(self.embed_queries, max_pending=MAX_PENDING + MAX_BATCH)

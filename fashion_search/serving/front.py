@@ -7,7 +7,8 @@ embedded so far: a catalog is embedded in its dataset's order (split by split, o
 partial index would answer from a skewed sample, and every answer given would be worth asking again. A 503 is what
 HTTP clients and load balancers already wait on.
 
-Only the standard library, Starlette and Uvicorn are imported here, so that the server is up before torch is."""
+Only the standard library, Starlette and Uvicorn are imported here: the front adds no import to a start. (app.py
+imports torch with the rest of the package before it starts the front: BENCHMARKS.md, section 6.)"""
 from __future__ import annotations
 
 import asyncio
@@ -42,6 +43,14 @@ class Startup:
         with self._lock:
             self.phase, self.done, self.total, self._reports = phase, None, None, []
             self.timeline.append((phase, time.time()))
+
+    def report(self, phase: str, done: int | None = None, total: int | None = None):
+        """The progress callback a catalog's build takes (serving.catalog): a phase begins, or ``done`` of ``total``
+        photos of it are embedded."""
+        if phase != self.phase:
+            self.begin(phase)
+        if done is not None:
+            self.advance(done, total)
 
     def advance(self, done: int, total: int):
         """``done`` of ``total`` photos embedded (the first call may count chunks resumed from disk)."""

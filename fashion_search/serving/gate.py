@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from fashion_search.errors import Busy, QueryError
+from fashion_search.stores import MAX_KEY_BYTES
 
-MAX_ID_BYTES = 512  # as the Milvus key field (stores.milvus_store.KEY_LENGTH)
 # Upload bodies of the JSON routes: a body must arrive within UPLOAD_DEADLINE, at MIN_UPLOAD_RATE once UPLOAD_GRACE
 # has passed; unfinished bodies hold at most UPLOAD_MEMORY together.
 UPLOAD_DEADLINE = 30.0
@@ -53,8 +53,8 @@ def item_id(value) -> str:
     key = text(str(value.item() if hasattr(value, "item") else value).strip(), "an item id")
     if not key:
         raise QueryError("give an item id")
-    if len(key.encode("utf-8")) > MAX_ID_BYTES:
-        raise QueryError(f"an item id is at most {MAX_ID_BYTES} bytes long")
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise QueryError(f"an item id is at most {MAX_KEY_BYTES} bytes long")
     return key
 
 

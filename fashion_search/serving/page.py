@@ -2,7 +2,8 @@
 searched by in turn, and "more results". Gradio is imported only here, when the page is built."""
 from __future__ import annotations
 
-from fashion_search.serving.catalog import ANY, MAX_K
+from fashion_search.serving.catalog import ANY
+from fashion_search.serving.query import MAX_K
 from fashion_search.errors import QueryError
 from fashion_search.serving.json_api import MAX_PENDING
 from fashion_search.serving.service import SearchService, shown

@@ -10,10 +10,11 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from fashion_search.serving.catalog import TOP_K, check_page
 from fashion_search.errors import QueryError
-from fashion_search.stores import Match, as_text
+from fashion_search.metrics import TOP_K
+from fashion_search.stores import SEARCH_DEPTH, Match, as_text
 
+MAX_K = 100  # results in one page
 MAX_PARTS = 8
 MAX_URL_PARTS = 2  # fetched together, within one deadline
 MAX_WEIGHT = 10.0
@@ -41,6 +42,13 @@ class Query:
         """photo, text or composed: each has its own match-confidence calibration."""
         kinds = {"text" if part.kind == "text" else "photo" for part in self.parts}
         return kinds.pop() if len(kinds) == 1 and len(self.parts) == 1 else "composed"
+
+
+def check_page(k, offset):
+    if not (isinstance(k, int) and 1 <= k <= MAX_K):
+        raise QueryError(f"k is a whole number from 1 to {MAX_K}")
+    if not (isinstance(offset, int) and 0 <= offset and offset + k <= SEARCH_DEPTH):
+        raise QueryError(f"offset is a whole number from 0, with offset + k at most {SEARCH_DEPTH}")
 
 
 def parse_box(value) -> tuple[int, int, int, int] | None:

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from fashion_search import calibration
-from fashion_search.serving.catalog import MAX_K, TOP_K, Catalog
+from fashion_search.metrics import TOP_K
+from fashion_search.serving.catalog import Catalog
 from fashion_search.serving.encoder import Encoder
 from fashion_search.errors import QueryError
 from fashion_search.serving.fetch import TOTAL_TIMEOUT, Deadline, fetch_url
 from fashion_search.photos.pool import open_rgb
-from fashion_search.serving.query import Part, Query, from_text
+from fashion_search.serving.query import MAX_K, Part, Query, from_text
 
 # A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
 MIN_CONFIDENCE = 0.5
@@ -218,8 +219,8 @@ class SearchService:
                          f"{self.min_confidence:.0%}). The nearest items are shown all the same.\n")
         lines += ["| # | name | type | colour | gender | match |", "|---:|---|---|---|---|---|"]
         for rank, r in enumerate(results, 1):
-            cells = [str(r.get(field, "")).replace("|", "/") for field in ("productDisplayName", "articleType", "baseColour",
-                                                                  "gender")]
+            fields = ("productDisplayName", "articleType", "baseColour", "gender")
+            cells = [str(r.get(field, "")).replace("|", "/") for field in fields]
             lines.append(f"| {rank} | {' | '.join(cells)} | {self.how_close(r)} |")
         return "\n".join(lines)
 

@@ -27,6 +27,7 @@ FILTER_COLUMNS = ("gender", "masterCategory", "articleType", "baseColour")
 RECORD_FIELDS = ("photo", "split", "row", "score")
 # Record fields that are not filters: identities, free text, where the photo is.
 NOT_FILTERS = ("id", "productDisplayName", *RECORD_FIELDS)
+MAX_KEY_BYTES = 512  # an item's key (its id as UTF-8 text): the Milvus key field's length, and the gate's limit
 # A search looks this deep into the ranking whatever page it returns, so that pages of one query never overlap or
 # skip (an HNSW search of another breadth may rank differently); offset + k stays within it.
 SEARCH_DEPTH = 500

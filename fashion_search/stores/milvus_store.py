@@ -22,15 +22,16 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from fashion_search.errors import UserError
-from fashion_search.stores import (FILTER_COLUMNS, SEARCH_DEPTH, Hit, OtherCatalog, as_match, chunks, filter_values,
-                                   source_of)
+from fashion_search.stores import (FILTER_COLUMNS, MAX_KEY_BYTES, SEARCH_DEPTH, Hit, OtherCatalog, as_match, chunks,
+                                   filter_values, source_of)
+from fashion_search.stores.faiss_index import HNSW_EF_CONSTRUCTION, HNSW_M
 
 DEFAULT_COLLECTION = "fashion_catalog"
 FILTERS_KEY = "_filters"  # inside each stored record: its filter columns beyond the scalar fields, as text
 FINGERPRINT_PROPERTY = "fashion_search.fingerprint"  # set once the base catalog is completely written
-KEY_LENGTH, TEXT_LENGTH = 512, 1024
+KEY_LENGTH, TEXT_LENGTH = MAX_KEY_BYTES, 1024
 WRITE_BATCH = 1_000
-HNSW_PARAMS = {"M": 32, "efConstruction": 64}  # as the FAISS default (stores.faiss_store)
+HNSW_PARAMS = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}  # as the FAISS store's graph
 SEARCH_EF = 64
 INDEXES = ("FLAT", "HNSW", "DISKANN")
 CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
