@@ -5,6 +5,7 @@ text tower, which keeps the text tower aligned so that the app can answer text q
 Usage: python clip.py [--from-scratch --image-size 64] [--output-dir runs/clip]
 """
 import argparse
+import json
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from fashion_search import backbones, distributed, heads, pipeline
 from fashion_search.data import SPLITS, load_processed
 from fashion_search.errors import cli
-from fashion_search.files import atomic_save_npy, atomic_write_json
+from fashion_search.files import atomic_folder, atomic_save_npy
 from fashion_search.model import EmbeddingModel
 from fashion_search.runtime import positive_int
 
@@ -99,12 +100,12 @@ def export(model, tokenizer, image_size, folder, text_tower: dict):
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # a one-shard save needs no progress bar in the run's log
-    folder.mkdir(parents=True, exist_ok=True)
-    model.clip.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
-                       image_mean=list(model.mean), image_std=list(model.std)).save_pretrained(folder)
-    atomic_write_json(folder / "text_tower.json", text_tower)
+    with atomic_folder(folder) as partial:  # the app never loads a half-written model
+        model.clip.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        CLIPImageProcessor(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                           image_mean=list(model.mean), image_std=list(model.std)).save_pretrained(partial)
+        (partial / "text_tower.json").write_text(json.dumps(text_tower))
 
 
 def name_tokens(tokenizer, names, max_length):

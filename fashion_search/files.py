@@ -32,6 +32,36 @@ def atomic_write(path, write, suffix=""):
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Write a whole folder (a save_pretrained model): the caller writes into the temp folder this yields, beside
+    ``path``; then its files are synced and it is renamed to ``path``. Readers see the previous folder or the new one,
+    never a half-written one; a folder already at ``path`` is renamed aside first and removed after (a crash between
+    the two renames leaves it whole under ``.NAME.old-*``)."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o755)  # as a folder made with mkdir (mkdtemp's is the owner's alone)
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write_text(path, text: str):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_args
 from fashion_search.errors import UserError
-from fashion_search.files import atomic_torch_save
+from fashion_search.files import atomic_folder, atomic_torch_save
 from fashion_search.stores import faiss_index as index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,21 @@ def test_kill_9_during_a_write_leaves_the_previous_file_intact(tmp_path):
     assert state["weights"].numel() in (3, 40_000_000)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
     assert all(name.startswith(".checkpoint.pt.") for name in leftovers)  # only a temp file may remain
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    """hf_model: a save that fails midway leaves the previous folder as it was, and no temp folder behind."""
+    folder = tmp_path / "hf_model"
+    with atomic_folder(folder) as partial:
+        (partial / "config.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(folder) as partial:
+            (partial / "config.json").write_text("new")
+            raise RuntimeError("the save failed midway")
+    assert (folder / "config.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["hf_model"]
+    with atomic_folder(folder) as partial:
+        (partial / "config.json").write_text("new")
+    assert (folder / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["hf_model"]
 
 
 def test_run_with_mismatched_embeddings_is_one_clear_message(trained_runs, cache_dir, tmp_path):
