@@ -50,10 +50,16 @@ def test_run_folder_is_complete(trained_runs, name):
         assert (run / "hf_model" / "config.json").exists() and (run / "hf_model" / "tokenizer_config.json").exists()
 
 
-def test_training_learns_something(trained_runs):
-    # Chance precision@5 on the fixture is ~0.25 (5 classes); the class-coded shapes are easy to learn.
-    best = max(json.loads((run / "metrics.json").read_text())["precision@5"] for run in trained_runs.values())
-    assert best > 0.4
+@pytest.mark.parametrize("name", ["resnet", "siamese", "clip", "vae"])
+def test_training_learns_something(trained_runs, name):
+    """Each model, not only the best, beats chance by a clear margin. Chance precision@5 of the query/gallery
+    protocol is the probability that a gallery item shares a query's class: sum over classes of the two shares
+    (about 0.2 on the fixture); the class-coded shapes are easy to learn."""
+    run = trained_runs[name]
+    queries, gallery = (pd.read_parquet(run / "embeddings" / f"{split}.parquet")["label"] for split in ("test", "train"))
+    shares = gallery.value_counts(normalize=True)
+    chance = float(sum(share * shares.get(label, 0.0) for label, share in queries.value_counts(normalize=True).items()))
+    assert json.loads((run / "metrics.json").read_text())["precision@5"] > chance + 0.15
 
 
 @pytest.mark.parametrize("name", list(MODULES))
