@@ -23,7 +23,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 def catalog_photo(service, position=0):
     """(id, JPEG bytes) of a catalog item, exactly as the dataset stores it."""
-    key = service.catalog.store.keys()[position]
+    key = service.catalog.store.items()[0][position]
     return int(key), service.catalog.image_bytes(key)
 
 
@@ -83,7 +83,7 @@ def test_calibration_photos_are_decoded_catalog_photos(service):
     size = service.encoder.image_size
     photos = catalog.calibration_photos(service.catalog, size, count=10)
     assert photos.shape == (10, 3, size, size) and photos.dtype == np.uint8
-    first = decode_square(service.catalog.image_bytes(service.catalog.store.keys()[0]), size)
+    first = decode_square(service.catalog.image_bytes(service.catalog.store.items()[0][0]), size)
     assert np.array_equal(photos[0], first)  # spread over the catalog from its first row to its last
     assert catalog.calibration_photos(service.catalog, size, count=QUERY_BATCH - 1) is None  # under one batch
 

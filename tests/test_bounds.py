@@ -24,7 +24,7 @@ def post_json(served, body, **kwargs):
 
 
 def test_filter_values_are_counted_once_and_never_more_than_the_column_holds(service, served):
-    data = service.catalog.image_bytes(service.catalog.store.keys()[0])
+    data = service.catalog.image_bytes(service.catalog.store.items()[0][0])
     photo = base64.b64encode(data).decode()
     started = time.monotonic()
     answer = post_json(served, {"parts": [{"photo": photo}], "filters": {"baseColour": ["Red"] * 100_000}})
@@ -97,7 +97,7 @@ def test_ids_and_words_hold_no_control_characters_or_lone_surrogates():
 
 
 def test_photos_that_break_header_parsers_are_refused_alone_in_a_batch(served, service):
-    good = service.catalog.image_bytes(service.catalog.store.keys()[0])
+    good = service.catalog.image_bytes(service.catalog.store.items()[0][0])
     answer = httpx.post(served + "api/search_image", content=b"GIF89a", timeout=30)
     assert answer.status_code == 400 and "truncated GIF" in answer.json()["error"]
     files = [("photo", ("a.jpg", good)), ("photo", ("b.gif", b"GIF89a")), ("photo", ("c.jpg", good))]
@@ -112,7 +112,7 @@ def test_photos_that_break_header_parsers_are_refused_alone_in_a_batch(served, s
 
 
 def test_what_the_page_client_hands_back_is_bounded(service):
-    record = service.rank(service.catalog.vector(service.catalog.store.keys()[0]))[0]
+    record = service.rank(service.catalog.vector(service.catalog.store.items()[0][0]))[0]
     with pytest.raises(QueryError, match="at most 100 records"):
         service.gallery([record] * 400)
     with pytest.raises(QueryError, match="a score and a confidence"):

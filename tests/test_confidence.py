@@ -20,7 +20,7 @@ def test_runs_are_calibrated_and_clip_runs_measure_text_search(trained_runs):
 def test_no_close_match_is_said_on_the_page_and_marked_in_the_api(service, served, monkeypatch):
     import httpx
 
-    data = service.catalog.image_bytes(service.catalog.store.keys()[0])
+    data = service.catalog.image_bytes(service.catalog.store.items()[0][0])
     results = service.search_image_bytes(data)
     assert all(0 <= r["confidence"] <= 1 for r in results)
     assert [r["confidence"] for r in results] == sorted((r["confidence"] for r in results), reverse=True)

@@ -194,7 +194,7 @@ def test_a_folder_of_photos_is_a_catalog_with_ids_from_file_names(trained_runs, 
     shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
     service, _ = app.load_service(app.parse_args(["--run", str(run), "--dataset", str(photos),
                                                   "--cache-dir", str(cache_dir)]))
-    assert sorted(service.catalog.store.keys()) == sorted(colours) and service.filter_columns == []
+    assert sorted(service.catalog.store.items()[0]) == sorted(colours) and service.filter_columns == []
     results = service.search_image_bytes(jpeg(colours["green-cap"]))
     assert results[0]["id"] == "green-cap" and results[0]["articleType"] == "" and len(results) == 5
     assert service.search_item("green-cap")[0]["id"] == "green-cap"
@@ -261,7 +261,7 @@ def test_base_colour_filters_and_unknown_values_name_the_valid_ones(service, ser
     import httpx
 
     assert service.page_columns == ["gender", "masterCategory", "articleType", "baseColour"]
-    data = service.catalog.image_bytes(service.catalog.store.keys()[0])
+    data = service.catalog.image_bytes(service.catalog.store.items()[0][0])
     reds = service.search_image_bytes(data, None, None, None, "Red")
     assert reds and all(r["baseColour"] == "Red" for r in reds)
     with pytest.raises(QueryError, match=r"unknown baseColour 'Mauve'; valid values: Black, Blue, Green, Red"):
@@ -324,7 +324,7 @@ def test_the_gradio_queue_is_bounded_and_its_cache_cleaned(service):
 def test_the_json_item_route_goes_through_the_gate(served, service):
     import httpx
 
-    first = service.catalog.store.keys()[0]
+    first = service.catalog.store.items()[0][0]
     answer = httpx.get(served + "api/search_item", params={"id": first}, timeout=30)
     assert answer.status_code == 200 and str(answer.json()["results"][0]["id"]) == first
     for bad, message in (("x'] or key not in ['x", "not in the catalog"), ("", "give an item id"),

@@ -19,7 +19,7 @@ from fashion_search.stores import Match
 
 
 def photo(service, position=0):
-    key = service.catalog.store.keys()[position]
+    key = service.catalog.store.items()[0][position]
     return key, service.catalog.image_bytes(key)
 
 
@@ -250,7 +250,7 @@ def test_the_composed_protocol_runs_on_a_run(trained_runs, tmp_path):
 
     model = combiner.load(run)
     with_combiner = SearchService(encoder, trained_service_catalog(run, encoder), "x", combiner=model)
-    key = with_combiner.catalog.store.keys()[0]
+    key = with_combiner.catalog.store.items()[0][0]
     image, text = with_combiner.catalog.vector(key), encoder.embed_text("red")
     expected = with_combiner.rank(combiner.combine(model, image, text), k=5, kind="composed")
     assert with_combiner.run(Query((Part("item", key), Part("text", "red", 0.5)), k=5, collapse=False)) == expected

@@ -111,11 +111,6 @@ class FaissStore:
         state = self._state
         return [str(key) for key in state.keys[state.live]], stored_vectors(state.index)[state.live].copy()
 
-    def keys(self) -> list[str]:
-        """Every item's key, in index order."""
-        state = self._state
-        return [str(key) for key in state.keys[state.live]]
-
     def values(self) -> dict[str, list[str]]:
         state = self._state
         return {column: sorted(set(values[state.live]) - {""}) for column, values in state.filters.items()}
