@@ -2,63 +2,9 @@
 BNNeck) is the retrieval embedding.
 
 Usage: python resnet.py [--from-scratch --image-size 64] [--output-dir runs/resnet]
+The code is fashion_search/cli/resnet.py; installed, the same command is `fashion-resnet`.
 """
-import argparse
-
-import torch.nn.functional as F
-from torch import nn
-
-from fashion_search import backbones, heads, pipeline
-from fashion_search.errors import cli
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    pipeline.add_common_args(parser, image_size=224, batch_size=64, lr=3e-4, epochs=10)
-    backbones.add_resnet_args(parser)
-    heads.add_head_args(parser)
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="softer targets: better-spread embeddings")
-    parser.add_argument("--no-bn-neck", dest="bn_neck", action="store_false",
-                        help="embed the raw pooled feature instead of its batch-normalised version (BNNeck)")
-    return parser.parse_args(argv)
-
-
-class ResNetClassifier(backbones.ResNetModel):
-    def __init__(self, backbone, feature_dim, head, bn_neck=True):
-        super().__init__()
-        self.backbone = backbone
-        # BNNeck (Luo et al. 2019): pooled ReLU features are all positive, so their cosine similarities bunch up
-        # near 1; batch-normalising them (no learnt shift) centres them, which suits cosine retrieval.
-        self.neck = nn.BatchNorm1d(feature_dim) if bn_neck else nn.Identity()
-        if bn_neck:
-            self.neck.bias.requires_grad_(False)
-        self.head = head
-
-    def embed(self, images):  # [B, 3, S, S] -> [B, 2048]
-        return self.neck(self.backbone(images))
-
-    def forward(self, images):  # -> logits [B, classes]
-        return self.head(self.embed(images))
-
-
-def build_model(args, num_classes, backbone_config=None):
-    backbone, feature_dim, config = backbones.resnet_backbone(args, backbone_config)
-    bn_neck = getattr(args, "bn_neck", False)
-    head = heads.classifier_head(args, feature_dim, num_classes, bias=not bn_neck)
-    return ResNetClassifier(backbone, feature_dim, head, bn_neck), config
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    runtime = pipeline.prepare(args, "resnet")
-    if args.embed_only:
-        return pipeline.embed_only(args, runtime, "resnet", build_model)
-
-    def loss_fn(model, images, labels, rows):
-        return F.cross_entropy(model(images).float(), labels, label_smoothing=args.label_smoothing)
-
-    return pipeline.train_and_export(args, runtime, "resnet", build_model, loss_fn)
-
+from fashion_search.cli.resnet import command
 
 if __name__ == "__main__":
-    cli(main)
+    command()

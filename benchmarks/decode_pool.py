@@ -84,14 +84,14 @@ def main(argv=None):
 
     from datasets import Image as ImageFeature
 
-    import app
+    from fashion_search.cli import app
     from fashion_search.data import load_processed
 
     data, _ = load_processed(args.dataset)
     test = data["test"].select(range(min(args.photos, len(data["test"]))))
     cells = test.cast_column("image", ImageFeature(decode=False))["image"]
     blobs = [cell["bytes"] for cell in cells]
-    service, _ = app.load_service(app.parse_args(["--run", args.run]))
+    service, _ = app.load_service(app.parse_config(["--run", args.run]))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -95,7 +95,8 @@ def retrieval(args):
 
     cpu = torch.device("cpu")
     name = checkpoint.load(Path(args.run) / "best.pt")["script"]
-    model, state = pipeline.load_trained(args.run, name, importlib.import_module(name).build_model, cpu)
+    script = importlib.import_module(f"fashion_search.cli.{name}")
+    model, state = pipeline.load_trained(args.run, name, script.build_model, cpu, script.Options)
     model = model.eval().for_inference()  # as every export does
     dataset, _ = data.load_processed(args.data)
     images = {split: data.image_cache(dataset[split], state["image_size"], args.cache_dir)[0]

@@ -20,6 +20,7 @@ from fashion_search import checkpoint
 from fashion_search.data import SPLITS, image_cache, load_processed
 from fashion_search.embed import job_graph
 from fashion_search.inference import EMBED_BATCH, embed_images
+from fashion_search.config import Config
 from fashion_search.pipeline import load_trained
 from fashion_search.runs import load_split
 from fashion_search.runtime import Runtime
@@ -47,8 +48,8 @@ def model_throughput(run: Path, photos: np.ndarray, total: int, runtime: Runtime
     """photos/s of the trained model on ``photos`` (uint8 [N, 3, S, S]), through the path --embed-only takes for a
     catalog of ``total`` photos (eager, compiled or int8: fashion_search.embed.job_graph decides)."""
     name = checkpoint.load(run / "best.pt")["script"]
-    script = importlib.import_module(name)
-    model, _ = load_trained(run, name, script.build_model, runtime.device)
+    script = importlib.import_module(f"fashion_search.cli.{name}")
+    model, _ = load_trained(run, name, script.build_model, runtime.device, script.Options)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
     model = model.for_inference()
@@ -79,10 +80,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runtime = Runtime.create("cpu")
     first = Path(args.runs[0])
-    saved = json.loads((first / "args.json").read_text())
-    dataset, _ = load_processed(saved["data"])
+    saved = Config.from_dict(json.loads((first / "args.json").read_text())).data
+    dataset, _ = load_processed(saved.path)
     total = sum(len(dataset[s]) for s in SPLITS)
-    photos64, _ = image_cache(dataset["test"], saved["image_size"], saved.get("cache_dir", "data/cache"))
+    photos64, _ = image_cache(dataset["test"], saved.image_size, saved.cache_dir)
     photos64 = np.ascontiguousarray(photos64[:args.photos])
     rows = []
     for run in map(Path, args.runs):
@@ -92,7 +93,7 @@ def main(argv=None):
         speed = model_throughput(run, photos64, total, runtime)
         rows.append((run.name, vectors.shape[1], per_item, kind, speed, p50))
     # the pixel baseline: 32 px flattened, centred and normalised (evaluation.py), over the whole catalog
-    pixels32 = [image_cache(dataset[s], 32, saved.get("cache_dir", "data/cache"))[0] for s in SPLITS]
+    pixels32 = [image_cache(dataset[s], 32, saved.cache_dir)[0] for s in SPLITS]
     vectors = np.concatenate([np.asarray(p, dtype=np.float32).reshape(len(p), -1) for p in pixels32])
     vectors -= vectors.mean(0)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12

@@ -112,7 +112,7 @@ def duplicate_figures(vectors, pixel_keys, train_rows: np.ndarray) -> dict:
 
 
 def main(argv=None):
-    import app
+    from fashion_search.cli import app
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/full/clip-text")
@@ -122,7 +122,7 @@ def main(argv=None):
     parser.add_argument("--parts", nargs="+", default=["composed", "box", "batch", "duplicates"],
                         choices=["composed", "box", "batch", "duplicates"])
     args = parser.parse_args(argv)
-    service, _ = app.load_service(app.parse_args(["--run", args.run, "--no-compile"]))
+    service, _ = app.load_service(app.parse_config(["--run", args.run, "--no-compile"]))
     report = {}
     if "composed" in args.parts:
         report["composed"] = composed.run_protocol(args.run, service.encoder.embed_text)

@@ -15,7 +15,7 @@ def main(argv=None):
     print("|---|---:|---:|---:|---:|")
     for run in runs:
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-        size = json.loads((run / "args.json").read_text())["image_size"]
+        size = json.loads((run / "metrics.json").read_text())["image_size"]
         print(f"| {run.name} | {size} | {len(log)} | {statistics.median(r['images_per_second'] for r in log):.0f} | "
               f"{max(r['data_wait_share'] for r in log):.1%} |")
 

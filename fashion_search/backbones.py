@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from fashion_search.config import ModelConfig
 from fashion_search.errors import UserError
 from fashion_search.model import EmbeddingModel
 
@@ -37,25 +38,25 @@ class ResNetModel(EmbeddingModel):
         return fold_batchnorm(self)
 
 
-def resnet_backbone(args, backbone_config=None):
+def resnet_backbone(model: ModelConfig, backbone_config=None):
     """(backbone with fc = Identity, feature dim, backbone_config) for resnet.py and siamese.py.
     Default: torchvision ResNet-50 with ImageNet weights (IMAGENET1K_V2; other --arch: their DEFAULT weights);
     --model: a local torchvision state_dict file; --from-scratch: random weights; --tiny: ResNet with one
     BasicBlock per stage (tests)."""
     import torchvision
 
-    arch = (backbone_config or {}).get("arch") or ("resnet-tiny" if args.tiny else args.arch)
+    arch = (backbone_config or {}).get("arch") or ("resnet-tiny" if model.tiny else model.arch or "resnet50")
     if arch == "resnet-tiny":
         net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
-    elif backbone_config is not None or args.from_scratch:
+    elif backbone_config is not None or model.from_scratch:
         net = torchvision.models.get_model(arch)
-    elif args.model:
+    elif model.weights:
         net = torchvision.models.get_model(arch)
-        state = torch.load(args.model, map_location="cpu", weights_only=True)
+        state = torch.load(model.weights, map_location="cpu", weights_only=True)
         try:
             net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except (RuntimeError, AttributeError) as exc:
-            raise UserError(f"--model {args.model} is not a torchvision {arch} state_dict: {str(exc)[:200]}")
+            raise UserError(f"--model {model.weights} is not a torchvision {arch} state_dict: {str(exc)[:200]}")
     else:
         weights = torchvision.models.get_model_weights(arch).DEFAULT  # resnet50: IMAGENET1K_V2
         net = load_pretrained(lambda _: torchvision.models.get_model(arch, weights=weights), f"{arch} {weights.name}",

@@ -73,8 +73,7 @@ def main(argv=None):
     parser.add_argument("--trust", action="store_true", required=True,
                         help="loading these files once with the unsafe loader can run any code they hold: say that "
                              "you trust their source")
-    args = parser.parse_args(argv)
-    for path in args.paths:
+    for path in parser.parse_args(argv).paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such file")
         reexport(path)

@@ -32,22 +32,37 @@ class Combiner(nn.Module):
         return F.normalize(image + self.mlp(torch.cat([image, text], dim=-1)), dim=-1)
 
 
+def colour_targets(meta, min_targets: int) -> dict[str, list[str]]:
+    """Per article type, the colours (sorted) of at least min_targets items of that type: the colours a composed
+    query may ask a photo of that type for (the protocol's queries and the combiner's training alike)."""
+    targets = {}
+    for (article, colour), count in meta.groupby(["articleType", "baseColour"]).size().items():
+        if count >= min_targets and colour:
+            targets.setdefault(article, []).append(colour)
+    return {article: sorted(colours) for article, colours in targets.items()}
+
+
+def other_colour(targets: dict, article: str, colour: str, rng) -> str | None:
+    """A colour other than the photo's own drawn among its type's targets; None where the photo has no colour or its
+    type no other target."""
+    options = [other for other in targets.get(article, []) if other != colour]
+    if not options or not colour:
+        return None
+    return options[rng.integers(len(options))]
+
+
 def triplets(meta, min_targets: int, rng) -> tuple[np.ndarray, list[str], list[np.ndarray]]:
     """One epoch's triplets over the train split: (reference rows, a colour word each, the target rows of each).
     Each photo with a type and colour once, with another colour drawn among those of at least min_targets photos of
     its type; the targets are the photos of that type and colour (of its gender where there are min_targets)."""
     by_type_colour = meta.groupby(["articleType", "baseColour"]).indices
     by_type_colour_gender = meta.groupby(["articleType", "baseColour", "gender"]).indices
-    colours_of = {}
-    for (article, colour), rows in by_type_colour.items():
-        if len(rows) >= min_targets and colour:
-            colours_of.setdefault(article, []).append(colour)
+    colours_of = colour_targets(meta, min_targets)
     references, words, targets = [], [], []
     for row, (article, colour, gender) in enumerate(zip(meta["articleType"], meta["baseColour"], meta["gender"])):
-        options = [other for other in colours_of.get(article, []) if other != colour]
-        if not options or not colour:
+        other = other_colour(colours_of, article, colour, rng)
+        if other is None:
             continue
-        other = options[rng.integers(len(options))]
         gendered = by_type_colour_gender.get((article, other, gender), [])
         references.append(row)
         words.append(other)

@@ -8,21 +8,19 @@ colour word alone, and the text "C2 T" (which names the type in words: a stronge
 The composed query is the weighted sum of the unit embeddings, made unit again: photo + w * word, with w chosen on
 val.
 
-Usage: python -m fashion_search.composed RUN [--no-combiner]   (prints the protocol's figures on val and test,
+Usage: python -m fashion_search.cli.composed RUN [--no-combiner]   (prints the protocol's figures on val and test,
 trains the combiner (fashion_search.combiner) beside the run, and fits the text and composed calibrations into
 RUN/calibration.json)
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from fashion_search import calibration
+from fashion_search import combiner as combiners
 from fashion_search.files import atomic_write_json
-from fashion_search.runtime import add_device_arg
 from fashion_search.metrics import TOP_K, search
 
 MIN_TARGETS = 5
@@ -34,17 +32,13 @@ def colour_queries(query_meta, gallery_meta, seed=0, limit=MAX_QUERIES, min_targ
                    ) -> list[tuple[int, str, str]]:
     """(query row, type T, target colour C2) for photos with a type and colour, C2 != their colour drawn among those
     with at least MIN_TARGETS gallery items of type T."""
-    counts = gallery_meta.groupby(["articleType", "baseColour"]).size()
-    targets = {}
-    for (article, colour), count in counts.items():
-        if count >= min_targets and colour:
-            targets.setdefault(article, []).append(colour)
+    targets = combiners.colour_targets(gallery_meta, min_targets)
     rng = np.random.default_rng(seed)
     queries = []
     for row, (article, colour) in enumerate(zip(query_meta["articleType"], query_meta["baseColour"])):
-        options = sorted(c for c in targets.get(article, []) if c != colour)
-        if options and colour:
-            queries.append((row, article, options[rng.integers(len(options))]))
+        other = combiners.other_colour(targets, article, colour, rng)
+        if other is not None:
+            queries.append((row, article, other))
     if len(queries) > limit:
         queries = [queries[i] for i in sorted(rng.choice(len(queries), limit, replace=False))]
     return queries
@@ -133,7 +127,6 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
     triplets, its epochs chosen on val, saved beside the run). Then the text and composed calibrations, fitted on val,
     are written into the run's calibration.json under "kinds" (composed: of the form the app uses, the combiner where
     there is one), with their test reliability."""
-    from fashion_search import combiner as combiners
     from fashion_search.runs import load_split
 
     run_dir = Path(run_dir)
@@ -206,25 +199,3 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
     if fitted:
         atomic_write_json(run_dir / calibration.FILE, {**fitted, "kinds": kinds})
     return report
-
-
-def main(argv=None):
-    from fashion_search.serving.encoder import Encoder
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a clip.py run with a usable text tower")
-    add_device_arg(parser)
-    parser.add_argument("--combiner", action=argparse.BooleanOptionalAction, default=True,
-                        help="also train the combiner and use it for composed queries")
-    parser.add_argument("--combiner-epochs", type=int, default=12)
-    args = parser.parse_args(argv)
-    encoder = Encoder(str(Path(args.run) / "hf_model"), args.device, int8=False)
-    if not encoder.text_search:
-        raise SystemExit(f"error: {encoder.text_search_why}")
-    report = run_protocol(args.run, encoder.embed_text, args.combiner, args.combiner_epochs)
-    print(json.dumps(report, indent=1))
-    return report
-
-
-if __name__ == "__main__":
-    main()

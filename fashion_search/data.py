@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fashion_search.config import DataConfig
 from fashion_search.errors import QueryError, UserError
 from fashion_search.files import atomic_save_npy
 from fashion_search.runtime import decode_threads
@@ -236,11 +237,11 @@ class ImageRows(torch.utils.data.Dataset):
         return torch.from_numpy(batch), torch.from_numpy(self.labels[indices]), torch.from_numpy(self.rows[indices])
 
 
-def split_rows(split_ds, args, label_column="label"):
+def split_rows(split_ds, data: DataConfig, label_column="label"):
     """(ImageRows, metadata, ok) for a split, after --limit; rows whose image fails to decode are dropped."""
-    if args.limit:
-        split_ds = split_ds.select(range(min(args.limit, len(split_ds))))
-    images, ok = image_cache(split_ds, args.image_size, args.cache_dir)
+    if data.limit:
+        split_ds = split_ds.select(range(min(data.limit, len(split_ds))))
+    images, ok = image_cache(split_ds, data.image_size, data.cache_dir)
     labels = np.asarray(split_ds[label_column]) if label_column in split_ds.column_names else np.full(len(split_ds), -1)
     if not ok.all():
         keep = np.flatnonzero(ok)

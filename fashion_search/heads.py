@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fashion_search.config import ModelConfig
+
 
 def add_head_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--head", choices=("linear", "cosine"), default="linear",
+    parser.add_argument("--head", choices=("linear", "cosine"), default=ModelConfig.head,
                         help="classifier on the embedding: linear, or cosine (normalised softmax: trains the cosine "
                              "geometry that retrieval ranks by, and class weights cannot grow with class frequency)")
-    parser.add_argument("--cosine-scale", type=float, default=16.0,
+    parser.add_argument("--cosine-scale", type=float, default=ModelConfig.cosine_scale,
                         help="--head cosine: logits = scale * cosine (a temperature of 1/scale)")
 
 
@@ -30,8 +32,7 @@ class CosineHead(nn.Module):
         return self.scale * F.normalize(features.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
 
 
-def classifier_head(args, feature_dim: int, num_classes: int, bias: bool = True) -> nn.Module:
-    # runs saved before --head existed have no such argument: they were linear
-    if getattr(args, "head", "linear") == "cosine":
-        return CosineHead(feature_dim, num_classes, args.cosine_scale)
+def classifier_head(model: ModelConfig, feature_dim: int, num_classes: int, bias: bool = True) -> nn.Module:
+    if model.head == "cosine":
+        return CosineHead(feature_dim, num_classes, model.cosine_scale)
     return nn.Linear(feature_dim, num_classes, bias=bias)

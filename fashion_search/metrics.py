@@ -14,6 +14,7 @@ import numpy as np
 TOP_K = 5  # the results a search shows (the page's five), and the k of the headline metrics and the calibration
 HEADLINE_KEYS = ("precision@5", "recall@5", "accuracy@5", "precision@1", "map@r", "macro_precision@5")
 CURVE_K = 20
+CLASS_SIZE_EDGES = (20, 100)  # gallery items per class: the bands of precision by class size
 
 
 def search(queries: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False):
@@ -151,7 +152,7 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings, gallery_labels,
     }
 
 
-def precision_by_class_size(rel: np.ndarray, query_labels, gallery_labels, k: int, edges=(20, 100)) -> list[dict]:
+def precision_by_class_size(rel: np.ndarray, query_labels, gallery_labels, k: int, edges=CLASS_SIZE_EDGES) -> list[dict]:
     """What macro precision weighs: classes grouped by how many gallery (training) items they have, with their
     share of classes and queries and their macro precision@k."""
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)

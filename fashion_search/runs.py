@@ -18,14 +18,15 @@ class Run:
     """One output folder: args.json, log.jsonl, last.pt (resume), best.pt (selected model), metrics.json,
     embeddings/. Every file is written atomically."""
 
-    def __init__(self, output_dir, args, resume=False, write=True):
-        """write=False: the paths only (a data-parallel rank other than 0, which writes nothing)."""
+    def __init__(self, output_dir, config: dict, resume=False, write=True):
+        """config: what args.json records (Config.to_dict()). write=False: the paths only (a data-parallel rank other
+        than 0, which writes nothing)."""
         self.dir = Path(output_dir)
         self.last, self.best, self.log_path = self.dir / "last.pt", self.dir / "best.pt", self.dir / "log.jsonl"
         if not write:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        record = {k: v for k, v in vars(args).items()}
+        record = dict(config)
         record["git_commit"] = git_commit()
         record["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
         atomic_write_json(self.dir / "args.json", record)
@@ -42,6 +43,14 @@ class Run:
         # Append one line; the previous lines stay intact even if this process dies mid-write.
         lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
         atomic_write_text(self.log_path, "\n".join(lines + [json.dumps(record)]) + "\n")
+
+
+def trained_data(run_dir) -> str:
+    """The processed data a run was trained on (its --data), from args.json; runs written before configs hold the
+    flags flat."""
+    record = json.loads((Path(run_dir) / "args.json").read_text())
+    data = record["data"]
+    return data["path"] if isinstance(data, dict) else data
 
 
 def write_embeddings(run_dir, split: str, embeddings: np.ndarray, metadata):

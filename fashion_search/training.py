@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fashion_search import checkpoint, distributed
+from fashion_search.config import TrainConfig
 from fashion_search.errors import UserError
 from fashion_search.inference import embed_images
 from fashion_search.metrics import leave_one_out_precision
@@ -16,13 +17,6 @@ from fashion_search.data import ImageRows
 from fashion_search.runs import Run
 from fashion_search.samplers import RankShard, batches
 from fashion_search.transforms import augment, augment_draws, normalize
-
-
-def training_fingerprint(args) -> dict:
-    """The arguments that must match for --resume to continue the same run."""
-    keys = ("data", "model", "from_scratch", "tiny", "image_size", "epochs", "batch_size", "lr", "weight_decay",
-            "warmup", "max_steps", "limit", "seed", "time_budget")
-    return {k: getattr(args, k, None) for k in keys}
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, time_progress=None):
@@ -64,13 +58,13 @@ class Budget:
         return lambda: min(1.0, self.spent() / max(1e-9, self.seconds - self.last_val))
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, train: TrainConfig, device):
     """AdamW, without weight decay on biases and norms."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     # fused: one kernel for all tensors, a faster optimizer step (BENCHMARKS.md, section 4)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr,
                              fused=device.type in ("cpu", "cuda"))
 
 
@@ -90,16 +84,19 @@ class Trainer:
     """One model's optimisation state (model, optimizer, schedule, scaler, step counters), saved to last.pt after
     every epoch and restored from it by --resume."""
 
-    def __init__(self, model, loss_fn, batch_sampler, args, runtime):
-        self.model, self.args, self.runtime = model, args, runtime
+    def __init__(self, model, loss_fn, batch_sampler, train: TrainConfig, eval_batch_size: int, runtime,
+                 fingerprint: dict):
+        """fingerprint: what must match for --resume to continue this run (its config but where it runs)."""
+        self.model, self.train, self.runtime = model, train, runtime
+        self.eval_batch_size, self.fingerprint = eval_batch_size, fingerprint
         self.loss = distributed.wrap(LossModule(model, loss_fn), runtime.device)  # DDP under torchrun
         self.steps_per_epoch = len(batch_sampler)
-        self.total_steps = min(args.epochs * self.steps_per_epoch, args.max_steps or 10**12)
+        self.total_steps = min(train.epochs * self.steps_per_epoch, train.max_steps or 10**12)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.optimizer = make_optimizer(model, args, runtime.device)
-        self.budget = Budget(args.time_budget)
+        self.optimizer = make_optimizer(model, train, runtime.device)
+        self.budget = Budget(train.time_budget)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
-            self.total_steps, int(args.warmup * self.total_steps), self.budget.progress()))
+            self.total_steps, int(train.warmup * self.total_steps), self.budget.progress()))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
         self.start_epoch, self.step, self.best_score, self.best_epoch = 0, 0, -1.0, -1
 
@@ -107,11 +104,11 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
                 "step": self.step, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                "fingerprint": training_fingerprint(self.args), "seconds_spent": self.budget.spent()}
+                "fingerprint": self.fingerprint, "seconds_spent": self.budget.spent()}
 
     def resume(self, run):
         state = checkpoint.load(run.last, map_location=self.runtime.device)
-        if state["fingerprint"] != training_fingerprint(self.args):
+        if state["fingerprint"] != self.fingerprint:
             raise UserError(f"--resume: {run.last} was written with other arguments "
                             f"({state['fingerprint']}); rerun with those, or without --resume")
         self.model.load_state_dict(state["model"])
@@ -131,9 +128,9 @@ class Trainer:
             loss = self.loss(images, labels, rows)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.args.grad_clip > 0:
+        if self.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -146,7 +143,7 @@ class Trainer:
         loader.batch_sampler.set_epoch(epoch)
         rows = loader.dataset.rows  # each row's draw, by its place in the split (rows left out keep theirs unused)
         draws = augment_draws(int(rows.max()) + 1 if len(rows) else 0,
-                              torch.Generator().manual_seed(self.args.seed * 100_003 + epoch))
+                              torch.Generator().manual_seed(self.train.seed * 100_003 + epoch))
         started, data_wait, loss_sum, seen, out_of_time = time.perf_counter(), 0.0, 0.0, 0, False
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch", leave=False,
                    disable=None if distributed.world().main else True)
@@ -178,15 +175,15 @@ class Trainer:
         score = None
         if distributed.world().main:
             embeddings = embed_images(self.model, val_rows.images, self.runtime.device, self.runtime.dtype,
-                                      self.args.eval_batch_size, "val")
+                                      self.eval_batch_size, "val")
             score = leave_one_out_precision(embeddings, val_rows.labels, k=5)
         score = distributed.broadcast(score)
         self.budget.last_val = time.perf_counter() - started
         return score
 
 
-def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sampler, run: Run, args, runtime,
-        save_extra: dict):
+def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sampler, run: Run, train: TrainConfig,
+        eval_batch_size: int, runtime, save_extra: dict, fingerprint: dict):
     """AdamW + warmup/cosine, grad clipping, autocast; each epoch: a tqdm bar, validation precision@5
     (leave-one-out within val), one summary line, last.pt for --resume and best.pt when val improves. Returns the
     best epoch's checkpoint, whose weights the model then holds. Under torchrun every rank trains on its shard of
@@ -196,8 +193,8 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
     loader = batches(train_rows, RankShard(batch_sampler))
-    trainer = Trainer(model, loss_fn, batch_sampler, args, runtime)
-    if args.resume and run.last.exists():
+    trainer = Trainer(model, loss_fn, batch_sampler, train, eval_batch_size, runtime, fingerprint)
+    if train.resume and run.last.exists():
         trainer.resume(run)
     for epoch in range(trainer.start_epoch, trainer.epochs):
         stats = trainer.train_epoch(loader, epoch)
@@ -221,9 +218,9 @@ def fit(model, loss_fn, train_rows: ImageRows, val_rows: ImageRows, batch_sample
                   f"data-wait {record['data_wait_share']:.1%}", flush=True)
         if trainer.step >= trainer.total_steps:
             break
-        if stats["out_of_time"] or (args.time_budget and distributed.broadcast(trainer.budget.is_up())):
+        if stats["out_of_time"] or (train.time_budget and distributed.broadcast(trainer.budget.is_up())):
             if main:
-                print(f"time budget of {args.time_budget:g} min reached after {trainer.step} steps (epoch {epoch + 1})")
+                print(f"time budget of {train.time_budget:g} min reached after {trainer.step} steps (epoch {epoch + 1})")
             break
     if not distributed.replicas_identical(model):
         raise RuntimeError("data-parallel replicas diverged: their weights differ after training")

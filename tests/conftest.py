@@ -96,7 +96,7 @@ def hub_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def processed(tmp_path_factory, hub_dataset) -> Path:
-    import data_preparation
+    from fashion_search.cli import data_preparation
 
     out = tmp_path_factory.mktemp("processed") / "processed"
     data_preparation.main(["--dataset", str(hub_dataset), "--output-dir", str(out), "--val-fraction", "0.2",
@@ -115,29 +115,36 @@ def tiny_args(processed, out, cache_dir, *extra):
 
 
 @pytest.fixture(scope="session")
-def trained_runs(tmp_path_factory, processed, cache_dir) -> dict:
-    """One tiny trained run per model script (shared by the model, evaluation and app tests)."""
-    import clip
-    import resnet
-    import siamese
-    import vae
+def clip_run(tmp_path_factory, processed, cache_dir) -> Path:
+    """The tiny clip.py run: all that the app's tests need."""
+    from fashion_search.cli import clip
 
-    root = tmp_path_factory.mktemp("runs")
-    runs = {}
-    for name, module, extra in (("resnet", resnet, ()), ("siamese", siamese, ("--classes-per-batch", "4")),
-                                ("clip", clip, ()), ("vae", vae, ("--head", "cosine"))):
-        runs[name] = root / name
-        module.main(tiny_args(processed, runs[name], cache_dir, *extra))
-    return runs
+    run = tmp_path_factory.mktemp("runs") / "clip"
+    clip.main(tiny_args(processed, run, cache_dir))
+    return run
 
 
 @pytest.fixture(scope="session")
-def service(trained_runs, cache_dir):
-    """The app's search service over the tiny CLIP run (URL queries may reach 127.0.0.1 for the local test server)."""
-    import app
+def trained_runs(tmp_path_factory, processed, cache_dir, clip_run) -> dict:
+    """One tiny trained run per model script (the model and evaluation tests)."""
+    from fashion_search.cli import resnet, siamese, vae
 
-    args = app.parse_args(["--run", str(trained_runs["clip"]), "--cache-dir", str(cache_dir), "--allow-private-urls"])
-    service, notice = app.load_service(args)
+    root = tmp_path_factory.mktemp("runs")
+    runs = {"clip": clip_run}
+    for name, module, extra in (("resnet", resnet, ()), ("siamese", siamese, ("--classes-per-batch", "4")),
+                                ("vae", vae, ("--head", "cosine"))):
+        runs[name] = root / name
+        module.main(tiny_args(processed, runs[name], cache_dir, *extra))
+    return {name: runs[name] for name in ("resnet", "siamese", "clip", "vae")}
+
+
+@pytest.fixture(scope="session")
+def service(clip_run, cache_dir):
+    """The app's search service over the tiny CLIP run (URL queries may reach 127.0.0.1 for the local test server)."""
+    from fashion_search.cli import app
+
+    config = app.parse_config(["--run", str(clip_run), "--cache-dir", str(cache_dir), "--allow-private-urls"])
+    service, notice = app.load_service(config)
     assert notice == ""
     return service
 
@@ -194,7 +201,7 @@ def free_port():
 @pytest.fixture(scope="session")
 def served(service):
     """The page + API on 127.0.0.1 (a free port), for gradio_client, the browser and the web-safety tests."""
-    import app
+    from fashion_search.cli import app
 
     port = free_port()
     server = app.serve(service, port=port)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app
+from fashion_search.cli import app
 from conftest import jpeg_bytes
 from fashion_search import accel
 from fashion_search.photos.pool import decode_square, open_rgb
@@ -28,13 +28,13 @@ def catalog_photo(service, position=0):
 
 
 @pytest.mark.slow
-def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_runs):
+def test_compiled_query_path_matches_eager_without_compiling_on_queries(clip_run):
     """After compile_queries(), every batch size the MicroBatcher forms (1-16) runs through the two graphs compiled
     at start (batch 1 in bf16, and 8 with padding in int8, calibrated on photos): no compile on a user's query, and
     the eager embeddings (int8: up to its small error)."""
     import torch
 
-    encoder = Encoder(str(trained_runs["clip"] / "hf_model"))
+    encoder = Encoder(str(clip_run / "hf_model"))
     size = encoder.image_size
     # Laid out as decoded photos are, channels last in memory: the warm-up's blank images are not.
     images = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8).transpose(0, 3, 1, 2)
@@ -60,10 +60,10 @@ def test_compiled_query_path_matches_eager_without_compiling_on_queries(trained_
         torch.compiler.reset()
 
 
-def test_int8_graph_is_refused_when_it_disagrees_with_bf16_or_torchao_is_missing(trained_runs, monkeypatch, capsys):
+def test_int8_graph_is_refused_when_it_disagrees_with_bf16_or_torchao_is_missing(clip_run, monkeypatch, capsys):
     import torch
 
-    encoder = Encoder(str(trained_runs["clip"] / "hf_model"))
+    encoder = Encoder(str(clip_run / "hf_model"))
     photos = np.random.default_rng(1).integers(0, 256, (8, 3, encoder.image_size, encoder.image_size), np.uint8)
     monkeypatch.setattr(accel, "INT8_MIN_COSINE", 1.01)  # no int8 graph can agree this well
     try:
@@ -142,37 +142,37 @@ def test_bad_upload_is_a_clear_message(service, tmp_path):
             service.search_image_file(str(tmp_path / name))
 
 
-def test_index_is_persisted_reused_and_rebuilt_when_stale(service, trained_runs, cache_dir):
-    folder = trained_runs["clip"] / "index"
+def test_index_is_persisted_reused_and_rebuilt_when_stale(service, clip_run, cache_dir):
+    folder = clip_run / "index"
     version = json.loads((folder / "CURRENT").read_text())["version"]
     info = json.loads((folder / version / "store.json").read_text())
     assert info["items"] == len(service.catalog) and info["dim"] == service.encoder.dim
     stamp = (folder / version / "index.faiss").stat().st_mtime_ns
-    args = app.parse_args(["--run", str(trained_runs["clip"]), "--cache-dir", str(cache_dir)])
-    app.load_service(args)
+    config = app.parse_config(["--run", str(clip_run), "--cache-dir", str(cache_dir)])
+    app.load_service(config)
     assert json.loads((folder / "CURRENT").read_text())["version"] == version  # reused
     assert (folder / version / "index.faiss").stat().st_mtime_ns == stamp
     (folder / version / "store.json").write_text(json.dumps({**info, "fingerprint": "stale"}))
-    app.load_service(args)
+    app.load_service(config)
     rebuilt = json.loads((folder / "CURRENT").read_text())["version"]
     assert rebuilt > version
     assert json.loads((folder / rebuilt / "store.json").read_text())["fingerprint"] == info["fingerprint"]
 
 
-def test_catalog_from_another_dataset(trained_runs, hub_dataset, cache_dir, tmp_path):
+def test_catalog_from_another_dataset(clip_run, hub_dataset, cache_dir, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
-    args = app.parse_args(["--run", str(run), "--dataset", str(hub_dataset), "--cache-dir", str(cache_dir)])
-    service, _ = app.load_service(args)
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    config = app.parse_config(["--run", str(run), "--dataset", str(hub_dataset), "--cache-dir", str(cache_dir)])
+    service, _ = app.load_service(config)
     assert len(service.catalog) == 69  # every decodable row of the hub-layout folder, as one split 'all'
 
 
 def test_no_run_and_offline_is_one_clear_line(tmp_path, cache_dir):
     from fashion_search.errors import UserError
 
-    args = app.parse_args(["--run", str(tmp_path / "none"), "--cache-dir", str(cache_dir)])
+    config = app.parse_config(["--run", str(tmp_path / "none"), "--cache-dir", str(cache_dir)])
     with pytest.raises(UserError) as exc:
-        app.load_service(args)
+        app.load_service(config)
     message = str(exc.value)
     assert "--run" in message and "--dataset" in message and "--model" in message and "\n" not in message
 
@@ -260,6 +260,8 @@ def test_page_in_headless_chromium(served, service, tmp_path):
         assert "confidence" in text and "API answer" in text and '"score"' not in text
         gallery = browser.find_element(By.CSS_SELECTOR, "#results-gallery")
         photos = browser.find_elements(By.CSS_SELECTOR, "#results-gallery img")
+        fits = {browser.execute_script("return getComputedStyle(arguments[0]).objectFit", photo) for photo in photos}
+        assert fits == {"contain"}  # every product whole: shoes and heads are never cropped off
         lowest = max(photo.rect["y"] + photo.rect["height"] for photo in photos)
         assert gallery.rect["y"] + gallery.rect["height"] - lowest < 80  # no band of empty space below the photos
         browser.find_element(By.CSS_SELECTOR, "#more-results").click()

@@ -16,10 +16,10 @@ CHUNK = 16
 
 
 @pytest.fixture(scope="module")
-def encoder(trained_runs):
+def encoder(clip_run):
     from fashion_search.serving.encoder import Encoder
 
-    return Encoder(str(trained_runs["clip"] / "hf_model"), "cpu", int8=False)
+    return Encoder(str(clip_run / "hf_model"), "cpu", int8=False)
 
 
 def build(hub_dataset, encoder, folder):
@@ -32,7 +32,7 @@ def build(hub_dataset, encoder, folder):
     return vectors, meta, len(embedded) - 1  # the first report is before any chunk is embedded
 
 
-def test_a_build_killed_at_80_percent_resumes_and_gives_the_uninterrupted_index(hub_dataset, encoder, trained_runs,
+def test_a_build_killed_at_80_percent_resumes_and_gives_the_uninterrupted_index(hub_dataset, encoder, clip_run,
                                                                               tmp_path):
     whole, whole_meta, chunks = build(hub_dataset, encoder, tmp_path / "whole")
     assert chunks == 5 and len(whole) == len(whole_meta) == 69  # 70 rows, one undecodable
@@ -46,7 +46,7 @@ def test_a_build_killed_at_80_percent_resumes_and_gives_the_uninterrupted_index(
         def kill_at_80(done, total):
             if done == 4 * {CHUNK}:  # 4 of 5 chunks written
                 os.kill(os.getpid(), signal.SIGKILL)
-        encoder = Encoder({str(trained_runs["clip"] / "hf_model")!r}, "cpu", int8=False)
+        encoder = Encoder({str(clip_run / "hf_model")!r}, "cpu", int8=False)
         embed_in_chunks(catalog_splits({str(hub_dataset)!r}), encoder, {str(folder)!r}, {CHUNK}, kill_at_80)
     """)
     killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True,

@@ -30,7 +30,7 @@ def test_trained_checkpoints_hold_only_tensors_and_plain_values(trained_runs):
 
 
 def test_a_crafted_checkpoint_is_refused_in_one_line_and_runs_nothing(trained_runs, processed, tmp_path):
-    import resnet
+    from fashion_search.cli import resnet
 
     run = tmp_path / "someone-elses-run"
     shutil.copytree(trained_runs["resnet"], run)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data_preparation
+from fashion_search.cli import data_preparation
 from conftest import CLASSES, SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,15 +32,15 @@ def weights(run):
 
 
 def test_two_processes_train_what_one_does_and_rank_0_alone_writes(processed, cache_dir, tmp_path):
-    import clip
+    from fashion_search.cli import clip
 
     single, parallel = tmp_path / "single", tmp_path / "parallel"
     clip.main(tiny_args(processed, single, cache_dir, *ARGS))
     out = torchrun("clip.py", tiny_args(processed, parallel, cache_dir, *ARGS))
     assert "data-parallel training on 2 processes (gloo), global batch 16" in out
     assert out.count("epoch 1/1") == 1  # one summary line: rank 0's
-    assert json.loads((parallel / "args.json").read_text())["world_size"] == 2
-    assert json.loads((single / "args.json").read_text())["world_size"] == 1
+    assert json.loads((parallel / "args.json").read_text())["run"]["world_size"] == 2
+    assert json.loads((single / "args.json").read_text())["run"]["world_size"] == 1
     logs = [json.loads((run / "log.jsonl").read_text().splitlines()[0]) for run in (single, parallel)]
     assert logs[0]["step"] == logs[1]["step"] == 2
     assert logs[1]["train_loss"] == pytest.approx(logs[0]["train_loss"], rel=TOLERANCE)

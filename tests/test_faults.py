@@ -87,22 +87,22 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
     assert (folder / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["hf_model"]
 
 
-def test_run_with_mismatched_embeddings_is_one_clear_message(trained_runs, cache_dir, tmp_path):
-    import app
+def test_run_with_mismatched_embeddings_is_one_clear_message(clip_run, cache_dir, tmp_path):
+    from fashion_search.cli import app
 
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
     np.save(run / "embeddings" / "val.npy", np.zeros((3, 7), dtype=np.float32))
     with pytest.raises(UserError, match="val.npy has shape"):
-        app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
-    shutil.copy(trained_runs["clip"] / "embeddings" / "val.npy", run / "embeddings" / "val.npy")
+        app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    shutil.copy(clip_run / "embeddings" / "val.npy", run / "embeddings" / "val.npy")
     (run / "embeddings" / "test.npy").unlink()
     with pytest.raises(UserError, match="test.npy"):
-        app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+        app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
 
 
 def test_evaluation_of_a_run_without_embeddings_names_the_files(tmp_path, capsys):
-    import evaluation
+    from fashion_search.cli import evaluation
 
     (tmp_path / "empty-run").mkdir()
     assert evaluation.main([str(tmp_path / "empty-run"), "--output", str(tmp_path / "t.md"),
@@ -111,7 +111,7 @@ def test_evaluation_of_a_run_without_embeddings_names_the_files(tmp_path, capsys
 
 
 def test_checkpoint_of_another_label_map_is_refused(trained_runs, processed, tmp_path):
-    import resnet
+    from fashion_search.cli import resnet
 
     run = tmp_path / "run"
     shutil.copytree(trained_runs["resnet"], run)
@@ -134,28 +134,42 @@ def test_gradio_file_routes_serve_no_file_outside_the_app(served):
         assert secret.read_text()[:20] not in response.text or not secret.read_text().strip()
 
 
-def test_server_binds_loopback_and_shares_nothing_by_default():
-    import app
+def test_the_app_started_with_no_flags_listens_on_loopback_alone(monkeypatch):
+    """What `python app.py` binds: the socket's own address, read from the listening server."""
+    from fashion_search.cli import app
 
-    args = app.parse_args([])
-    assert args.host == "127.0.0.1" and args.share is False and args.max_upload_mb == 10
+    bound = []
+
+    class Recorded(app.Server):
+        def __init__(self, front, host, port):
+            super().__init__(front, host, 0)  # any free port: the host is what is checked
+            bound.extend(socket.getsockname()[0] for server in self.server.servers for socket in server.sockets)
+
+    def stop(config, startup):
+        raise UserError("stopped after binding")
+
+    monkeypatch.setattr(app, "Server", Recorded)
+    monkeypatch.setattr(app, "load_service", stop)
+    with pytest.raises(UserError, match="stopped after binding"):
+        app.main([])
+    assert bound == ["127.0.0.1"]
 
 
-def test_damaged_index_files_are_never_served(trained_runs, cache_dir, tmp_path):
+def test_damaged_index_files_are_never_served(clip_run, cache_dir, tmp_path):
     """A damaged file of the only version: the catalog is rebuilt. A damaged CURRENT: the newest version that reads
     is served as it is."""
-    import app
+    from fashion_search.cli import app
 
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
-    args = app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)])
-    service, _ = app.load_service(args)
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    config = app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)])
+    service, _ = app.load_service(config)
     items = len(service.catalog)
     folder = run / "index"
     for damaged in ("index.faiss", "items.parquet", "store.json", "CURRENT"):
         version = json.loads((folder / "CURRENT").read_text())["version"]
         (folder / (damaged if damaged == "CURRENT" else f"{version}/{damaged}")).write_bytes(b"{not what it was")
-        service, _ = app.load_service(args)
+        service, _ = app.load_service(config)
         assert len(service.catalog) == items and service.catalog.store.kind == "IndexFlatIP"
         if damaged != "CURRENT":
             version = json.loads((folder / "CURRENT").read_text())["version"]

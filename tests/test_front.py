@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-import app
+from fashion_search.cli import app
 from conftest import child_env, free_port
 from fashion_search.errors import UserError
 from fashion_search.serving.front import MAX_RETRY_AFTER, Front, Server, Startup
@@ -93,16 +93,16 @@ def test_a_port_in_use_is_one_clear_error():
         first.close()
 
 
-def test_a_first_start_reports_each_phase_and_the_embedding_photo_by_photo(trained_runs, hub_dataset, cache_dir,
+def test_a_first_start_reports_each_phase_and_the_embedding_photo_by_photo(clip_run, hub_dataset, cache_dir,
                                                                           tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
-    args = app.parse_args(["--run", str(run), "--dataset", str(hub_dataset), "--cache-dir", str(cache_dir)])
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    config = app.parse_config(["--run", str(run), "--dataset", str(hub_dataset), "--cache-dir", str(cache_dir)])
     reports = []
     startup = Startup()
     advance = startup.advance
     startup.advance = lambda done, total: (reports.append((done, total)), advance(done, total))
-    service, _ = app.load_service(args, startup)
+    service, _ = app.load_service(config, startup)
     phases = [phase for phase, _ in startup.status()["timeline"]]
     assert phases == ["listening", "loading the model", "loading the catalog", "embedding the catalog",
                       "building the index"]
@@ -110,9 +110,9 @@ def test_a_first_start_reports_each_phase_and_the_embedding_photo_by_photo(train
     assert len(service.catalog) == 69
 
 
-def test_no_page_serves_the_json_routes_alone(trained_runs, cache_dir):
+def test_no_page_serves_the_json_routes_alone(clip_run, cache_dir):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--cache-dir",
+    process = subprocess.Popen([sys.executable, "app.py", "--run", str(clip_run), "--cache-dir",
                                 str(cache_dir), "--no-compile", "--no-page", "--port", str(port)],
                                cwd=Path(__file__).resolve().parents[1], env=child_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -135,7 +135,7 @@ def test_no_page_serves_the_json_routes_alone(trained_runs, cache_dir):
 
 
 @pytest.mark.slow
-def test_a_start_compiling_beside_live_queries_answers_every_query_and_its_status_throughout(trained_runs, cache_dir,
+def test_a_start_compiling_beside_live_queries_answers_every_query_and_its_status_throughout(clip_run, cache_dir,
                                                                                             tmp_path):
     """The query path compiles in a thread while photo queries already run eager (under autocast where the CPU has
     bf16). Twice: queries from the first second through the whole compile each get an answer (results, or 503 while
@@ -151,7 +151,7 @@ def test_a_start_compiling_beside_live_queries_answers_every_query_and_its_statu
     for start in range(2):
         port, log_path = free_port(), tmp_path / f"app-{start}.log"
         with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--cache-dir",
+            process = subprocess.Popen([sys.executable, "app.py", "--run", str(clip_run), "--cache-dir",
                                         str(cache_dir), "--port", str(port), "--no-page"],
                                        cwd=Path(__file__).resolve().parents[1], env=child_env(), stdout=log,
                                        stderr=subprocess.STDOUT)

@@ -48,14 +48,14 @@ def folder_bytes(folder):
 
 
 @pytest.fixture(scope="module")
-def app_process(trained_runs, cache_dir, tmp_path_factory):
+def app_process(clip_run, cache_dir, tmp_path_factory):
     """The app in its own process (its memory measured alone), with its own temp folders and a watchdog that kills it
     past 3 GB, so that a gate that fails cannot take this machine's memory."""
     temp = tmp_path_factory.mktemp("app-temp")
     port = free_port()
     env = child_env(TMPDIR=str(temp), GRADIO_TEMP_DIR=str(temp / "gradio"), OMP_NUM_THREADS="2")
     log = open(temp / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--cache-dir",
+    process = subprocess.Popen([sys.executable, "app.py", "--run", str(clip_run), "--cache-dir",
                                 str(cache_dir), "--no-compile", "--port", str(port), "--allow-private-urls"],
                                cwd=REPO, env=env,
                                stdout=log, stderr=subprocess.STDOUT)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app
+from fashion_search.cli import app
 from conftest import free_port, tiny_args
 from fashion_search.errors import UserError
 from fashion_search.serving import fetch, json_api
@@ -147,22 +147,22 @@ def test_a_url_in_place_of_an_uploaded_file_is_refused_and_never_fetched(served,
 
 @pytest.fixture(scope="module")
 def imageonly_clip(tmp_path_factory, processed, cache_dir):
-    import clip
+    from fashion_search.cli import clip
 
     run = tmp_path_factory.mktemp("imageonly") / "clip"
     clip.main(tiny_args(processed, run, cache_dir, "--text-loss-weight", "0", "--max-steps", "2"))
     return run
 
 
-def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(imageonly_clip, trained_runs,
+def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(imageonly_clip, clip_run,
                                                                                  cache_dir):
     import httpx
     from gradio_client import Client
 
     record = json.loads((imageonly_clip / "hf_model" / "text_tower.json").read_text())
     assert record["usable"] is False and "--text-loss-weight" in record["why"]
-    assert json.loads((trained_runs["clip"] / "hf_model" / "text_tower.json").read_text())["usable"] is True
-    service, _ = app.load_service(app.parse_args(["--run", str(imageonly_clip), "--cache-dir", str(cache_dir)]))
+    assert json.loads((clip_run / "hf_model" / "text_tower.json").read_text())["usable"] is True
+    service, _ = app.load_service(app.parse_config(["--run", str(imageonly_clip), "--cache-dir", str(cache_dir)]))
     with pytest.raises(QueryError, match="--text-loss-weight"):
         service.search_text("red shirt")
     page = build_page(service)
@@ -183,7 +183,7 @@ def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(
 
 # --------------------------------------------------------------------------- 5. users' own catalogs
 
-def test_a_folder_of_photos_is_a_catalog_with_ids_from_file_names(trained_runs, cache_dir, tmp_path):
+def test_a_folder_of_photos_is_a_catalog_with_ids_from_file_names(clip_run, cache_dir, tmp_path):
     photos = tmp_path / "my-photos"
     photos.mkdir()
     colours = {"red-dress": (200, 30, 30), "blue-shirt": (30, 60, 200), "green-cap": (30, 160, 60),
@@ -191,8 +191,8 @@ def test_a_folder_of_photos_is_a_catalog_with_ids_from_file_names(trained_runs, 
     for name, colour in colours.items():
         (photos / f"{name}.jpg").write_bytes(jpeg(colour))
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
-    service, _ = app.load_service(app.parse_args(["--run", str(run), "--dataset", str(photos),
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    service, _ = app.load_service(app.parse_config(["--run", str(run), "--dataset", str(photos),
                                                   "--cache-dir", str(cache_dir)]))
     assert sorted(service.catalog.store.items()[0]) == sorted(colours) and service.filter_columns == []
     results = service.search_image_bytes(jpeg(colours["green-cap"]))
@@ -212,12 +212,12 @@ def write_dataset(folder, columns):
     return folder
 
 
-def test_a_dataset_with_only_ids_and_images_serves_with_no_filters(trained_runs, cache_dir, tmp_path):
+def test_a_dataset_with_only_ids_and_images_serves_with_no_filters(clip_run, cache_dir, tmp_path):
     folder = write_dataset(tmp_path / "ids-and-images", {"id": [7, 8, 9, 10, 11, 12], "image": [
         {"bytes": jpeg((40 * i, 30, 200 - 30 * i)), "path": None} for i in range(6)]})
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
-    service, _ = app.load_service(app.parse_args(["--run", str(run), "--dataset", str(folder),
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    service, _ = app.load_service(app.parse_config(["--run", str(run), "--dataset", str(folder),
                                                   "--cache-dir", str(cache_dir)]))
     assert service.filter_columns == [] and len(service.catalog) == 6
     results = service.search_item(9)
@@ -228,10 +228,10 @@ def test_a_dataset_with_only_ids_and_images_serves_with_no_filters(trained_runs,
 @pytest.mark.parametrize("columns, message", [
     ({"id": [1, 2], "name": ["a", "b"]}, "has no 'image' column"),
     ({"id": [], "image": []}, "has no rows")])
-def test_a_dataset_without_images_is_one_clear_line_and_exit_code_2(trained_runs, cache_dir, tmp_path, columns,
+def test_a_dataset_without_images_is_one_clear_line_and_exit_code_2(clip_run, cache_dir, tmp_path, columns,
                                                                      message):
     folder = write_dataset(tmp_path / "bad", columns)
-    result = subprocess.run([sys.executable, "app.py", "--run", str(trained_runs["clip"]), "--dataset", str(folder),
+    result = subprocess.run([sys.executable, "app.py", "--run", str(clip_run), "--dataset", str(folder),
                              "--cache-dir", str(cache_dir), "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -240,7 +240,7 @@ def test_a_dataset_without_images_is_one_clear_line_and_exit_code_2(trained_runs
 
 
 def test_embed_only_writes_beside_the_trained_run_never_into_it(trained_runs, hub_dataset, tmp_path, capsys):
-    import resnet
+    from fashion_search.cli import resnet
 
     run = tmp_path / "resnet"
     shutil.copytree(trained_runs["resnet"], run)

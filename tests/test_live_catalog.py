@@ -9,12 +9,12 @@ from conftest import COLOURS, product_photo
 
 
 @pytest.fixture
-def live(trained_runs, cache_dir, tmp_path):
-    import app
+def live(clip_run, cache_dir, tmp_path):
+    from fashion_search.cli import app
 
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
-    service, _ = app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    service, _ = app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
     return run, service
 
 
@@ -29,7 +29,7 @@ def new_photos(folder, count=10):
 
 
 def test_added_items_are_found_and_removed_ones_never_return(live, cache_dir, tmp_path, capsys):
-    import catalog
+    from fashion_search.cli import catalog_admin as catalog
 
     run, service = live
     before = len(service.catalog)
@@ -52,14 +52,14 @@ def test_added_items_are_found_and_removed_ones_never_return(live, cache_dir, tm
         assert not {r["id"] for r in service.search_image_bytes(data)} & set(removed)
 
     # a second app start reads the updated catalog as it is (nothing rebuilt, nothing lost)
-    import app
+    from fashion_search.cli import app
 
-    again, _ = app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    again, _ = app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
     assert len(again.catalog) == before + 5 and again.catalog.vector("new-9") is not None
 
 
 def test_catalog_command_errors_are_one_line(live, tmp_path, capsys):
-    import catalog
+    from fashion_search.cli import catalog_admin as catalog
     from fashion_search.errors import UserError
 
     run, _ = live
@@ -86,7 +86,7 @@ def test_every_catalog_command_in_the_readme_runs_as_written(live, cache_dir, tm
     arguments"; each command has its own parser now."""
     import shlex
 
-    import catalog
+    from fashion_search.cli import catalog_admin as catalog
 
     run, service = live
     work = tmp_path / "work"
@@ -109,7 +109,7 @@ def test_every_catalog_command_in_the_readme_runs_as_written(live, cache_dir, tm
 
 
 def test_a_replaced_photo_is_shown_anew_and_ids_are_stable(live, cache_dir, tmp_path, capsys):
-    import catalog
+    from fashion_search.cli import catalog_admin as catalog
     from fashion_search.photos.pool import open_rgb
 
     run, service = live
@@ -149,8 +149,8 @@ def test_photos_without_names_get_ids_from_their_content_and_duplicate_names_are
 
 
 def test_the_app_serves_the_newest_intact_version_with_its_added_items(live, cache_dir, tmp_path):
-    import app
-    import catalog
+    from fashion_search.cli import app
+    from fashion_search.cli import catalog_admin as catalog
 
     run, service = live
     new_photos(tmp_path / "new", count=2)
@@ -158,7 +158,7 @@ def test_the_app_serves_the_newest_intact_version_with_its_added_items(live, cac
     catalog.main(["remove", "new-1", "--run", str(run), "--cache-dir", str(cache_dir)])  # the newest version
     current = (run / "index" / "CURRENT").read_text().split('"')[3]
     (run / "index" / current / "items.parquet").write_bytes(b"damaged")
-    again, _ = app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    again, _ = app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
     assert again.search_item("new-0")[0]["id"] == "new-0"  # the add survived: nothing was rebuilt over it
 
 
@@ -171,22 +171,22 @@ def test_an_empty_catalog_answers_no_results(live, cache_dir):
 
 
 @pytest.mark.parametrize("index", ["faiss", "milvus"])
-def test_catalog_py_works_on_the_catalog_the_app_serves_and_refuses_another(trained_runs, cache_dir, tmp_path,
+def test_catalog_py_works_on_the_catalog_the_app_serves_and_refuses_another(clip_run, cache_dir, tmp_path,
                                                                           capsys, index):
     """The app serves a --dataset catalog; catalog.py without --dataset reads that source from the index and adds to
     it; with another --dataset it is refused and nothing is written; a restart keeps what was added."""
-    import app
-    import catalog
+    from fashion_search.cli import app
+    from fashion_search.cli import catalog_admin as catalog
     from conftest import make_hub_dataset
 
     from fashion_search.stores import OtherCatalog
 
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
     shop = make_hub_dataset(tmp_path / "shop", corrupt_rows=0)
     spec = ["--index", f"milvus:{tmp_path / 'shop.db'}"] if index == "milvus" else ["--index", "faiss"]
     argv = ["--run", str(run), "--cache-dir", str(cache_dir), "--dataset", str(shop), *spec]
-    service, _ = app.load_service(app.parse_args(argv))
+    service, _ = app.load_service(app.parse_config(argv))
     served = len(service.catalog)
     photos = new_photos(tmp_path / "new", count=3)
     catalog.main(["add", str(tmp_path / "new"), "--run", str(run), "--cache-dir", str(cache_dir), *spec])
@@ -198,7 +198,7 @@ def test_catalog_py_works_on_the_catalog_the_app_serves_and_refuses_another(trai
     with pytest.raises(OtherCatalog, match=f"holds the catalog of dataset:{shop.resolve()}, not of run"):
         catalog.catalog_from_run(run, service.encoder, None, str(cache_dir), spec[1], rebuild=False)
     assert len(service.catalog) == served + 3  # nothing written
-    again, _ = app.load_service(app.parse_args(argv))
+    again, _ = app.load_service(app.parse_config(argv))
     assert len(again.catalog) == served + 3 and again.catalog.vector(next(iter(photos))) is not None
     service.catalog.store.close()
     again.catalog.store.close()
@@ -207,7 +207,7 @@ def test_catalog_py_works_on_the_catalog_the_app_serves_and_refuses_another(trai
 def test_catalog_py_add_leaves_out_hostile_photos_and_says_why(live, cache_dir, tmp_path, capsys):
     import hostile
 
-    import catalog
+    from fashion_search.cli import catalog_admin as catalog
 
     run, service = live
     before = len(service.catalog)

@@ -1,6 +1,5 @@
 """Each model script end to end on the fixture with a tiny configuration; the pretrained-loading paths through a
 tiny model saved to a folder; --embed-only; --resume; offline errors."""
-import argparse
 import json
 import subprocess
 import sys
@@ -11,12 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-import clip
-import resnet
-import siamese
-import vae
 from conftest import tiny_args
 from fashion_search import accel, backbones, embed, heads, pipeline, runtime
+from fashion_search.cli import clip, resnet, siamese, vae
+from fashion_search.config import Config, ModelConfig
 from fashion_search.errors import UserError
 from fashion_search.inference import embed_images
 from fashion_search.runs import Run
@@ -30,8 +27,12 @@ def test_run_folder_is_complete(trained_runs, name):
     run = trained_runs[name]
     for file in ("args.json", "best.pt", "last.pt", "log.jsonl", "metrics.json"):
         assert (run / file).exists(), file
-    args = json.loads((run / "args.json").read_text())
-    assert "git_commit" in args and args["tiny"] is True
+    record = json.loads((run / "args.json").read_text())
+    assert "git_commit" in record and record["model"]["tiny"] is True and record["script"] == name
+    # args.json is the run's config: read back through the same dataclasses, it is the config that trained it
+    config = Config.from_dict(record, MODULES[name].Options)
+    assert config.to_dict() == {k: v for k, v in record.items() if k not in ("git_commit", "command")}
+    assert config.run.output_dir == str(run) and config.data.path == record["data"]["path"]
     assert len((run / "log.jsonl").read_text().splitlines()) == 2  # one line per epoch
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("precision@5", "recall@5", "accuracy@5", "precision@1", "map@r", "macro_precision@5"):
@@ -82,10 +83,9 @@ def test_cosine_head_is_scaled_cosine_and_survives_the_checkpoint(trained_runs):
     np.testing.assert_allclose(head(features).detach().numpy(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(head(3 * features), head(features))  # the embedding's norm does not matter
     # the tiny vae run was trained with --head cosine: its checkpoint rebuilds that head
-    model, _ = pipeline.load_trained(trained_runs["vae"], "vae", vae.build_model, torch.device("cpu"))
+    model, _ = pipeline.load_trained(trained_runs["vae"], "vae", vae.build_model, torch.device("cpu"), vae.Options)
     assert isinstance(model.head, heads.CosineHead)
-    # arguments saved before --head existed rebuild the linear head those runs had
-    assert isinstance(heads.classifier_head(argparse.Namespace(), 4, 3), torch.nn.Linear)
+    assert isinstance(heads.classifier_head(ModelConfig(), 4, 3), torch.nn.Linear)  # the default head
 
 
 def test_embed_only_on_a_hub_layout_folder_is_one_split_all(trained_runs, hub_dataset, cache_dir, tmp_path):
@@ -110,33 +110,32 @@ def test_pretrained_paths_load_local_folders(processed, cache_dir, tmp_path):
     from diffusers import AutoencoderKL
     from transformers import CLIPConfig, CLIPModel
 
-    args = clip.parse_args(["--tiny", "--image-size", "32"])
     clip_dir = tmp_path / "clip-local"
-    CLIPModel(CLIPConfig.from_dict(clip.scratch_config(args))).save_pretrained(clip_dir)
+    CLIPModel(CLIPConfig.from_dict(clip.scratch_config(32, True, 77))).save_pretrained(clip_dir)
     backbones.char_tokenizer().save_pretrained(clip_dir)
     clip.main(["--model", str(clip_dir), "--data", str(processed), "--output-dir", str(tmp_path / "clip"),
                "--cache-dir", str(cache_dir), "--image-size", "32", "--max-steps", "2", "--device", "cpu"])
     assert (tmp_path / "clip" / "metrics.json").exists()
 
     vae_dir = tmp_path / "vae-local"
-    AutoencoderKL.from_config(vae.scratch_config(vae.parse_args(["--tiny"]))).save_pretrained(vae_dir)
+    AutoencoderKL.from_config(vae.scratch_config(tiny=True, width_divisor=4)).save_pretrained(vae_dir)
     vae.main(["--model", str(vae_dir), "--data", str(processed), "--output-dir", str(tmp_path / "vae"),
               "--cache-dir", str(cache_dir), "--image-size", "32", "--max-steps", "2", "--device", "cpu"])
     assert (tmp_path / "vae" / "metrics.json").exists()
 
     state_file = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), state_file)
-    backbone, dim, config = backbones.resnet_backbone(resnet.parse_args(["--model", str(state_file)]))
+    backbone, dim, config = backbones.resnet_backbone(resnet.parse_config(["--model", str(state_file)]).model)
     assert dim == 2048 and config == {"arch": "resnet50"}
     with pytest.raises(UserError, match="not a torchvision resnet50 state_dict"):
         torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
-        backbones.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "bad.pth")]))
+        backbones.resnet_backbone(resnet.parse_config(["--model", str(tmp_path / "bad.pth")]).model)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     backbone, dim, config = backbones.resnet_backbone(
-        siamese.parse_args(["--arch", "resnet18", "--model", str(tmp_path / "resnet18.pth")]))
+        siamese.parse_config(["--arch", "resnet18", "--model", str(tmp_path / "resnet18.pth")]).model)
     assert dim == 512 and config == {"arch": "resnet18"}
     with pytest.raises(UserError, match="not a torchvision resnet50"):  # the wrong depth for --arch
-        backbones.resnet_backbone(resnet.parse_args(["--model", str(tmp_path / "resnet18.pth")]))
+        backbones.resnet_backbone(resnet.parse_config(["--model", str(tmp_path / "resnet18.pth")]).model)
 
 
 @pytest.mark.parametrize("script", ["resnet.py", "clip.py", "vae.py", "siamese.py"])
@@ -154,7 +153,7 @@ def test_offline_without_local_weights_is_one_clear_line(processed, tmp_path, sc
 def test_bad_arguments_are_argparse_errors(processed, tmp_path):
     for argv in (["--device", "tpu"], ["--batch-size", "-3"], ["--image-size", "0"]):
         with pytest.raises(SystemExit) as exc:
-            resnet.parse_args(argv)
+            resnet.parse_config(argv)
         assert exc.value.code == 2
     with pytest.raises(UserError, match="not a processed dataset"):
         resnet.main(["--tiny", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "r")])
@@ -295,6 +294,8 @@ def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monke
     eager = embed_images(model, images, cpu, None, batch_size=16, progress=False)
     with embed.job_graph(model, [images], cpu, None, 16) as compiled:
         assert compiled is None  # 40 photos of 32 px: not worth compiling
+    with embed.job_graph(model, [images], cpu, None, 16, "compiled") as compiled:  # --graph compiled: whatever the size
+        assert isinstance(compiled, accel.CompiledEmbed)
     monkeypatch.setattr(embed, "COMPILE_FROM_224PX_IMAGES", 0)
     monkeypatch.setattr(accel, "INT8_FROM_224PX_IMAGES", 0)
     monkeypatch.setattr(accel, "cpu_supports_int8", lambda: True)
@@ -307,8 +308,13 @@ def test_a_very_big_cpu_job_embeds_through_an_int8_graph_else_through_bf16(monke
     cosines = np.sum(quantized * eager, axis=1)
     assert np.all(cosines > accel.INT8_MIN_COSINE) and np.any(cosines < 0.99999), cosines  # int8: close, not equal
     assert "through an int8 graph" in capsys.readouterr().out
-    with embed.job_graph(model, [images], cpu, None, 16, int8=False) as compiled:  # --precision bf16, --no-int8
+    with embed.job_graph(model, [images], cpu, None, 16, "compiled") as compiled:  # --graph compiled: never int8
         assert isinstance(compiled, accel.CompiledEmbed)
+    with embed.job_graph(model, [images], cpu, None, 16, "eager") as compiled:  # --graph eager: whatever the size
+        assert compiled is None
+    with pytest.raises(ValueError, match="graph 'fast'"):
+        with embed.job_graph(model, [images], cpu, None, 16, "fast"):
+            pass
 
     def refused(*args):  # as torchao refused ResNets before fold_batchnorm split their ReLUs
         raise ValueError("Input partition has more than one output node")
@@ -348,7 +354,7 @@ def test_time_budget_stops_training_and_finishes_the_schedule(processed, cache_d
 
 def test_evaluation_compares_runs_with_text_search_class_sizes_and_confidence(trained_runs, processed, cache_dir,
                                                                              tmp_path):
-    import evaluation
+    from fashion_search.cli import evaluation
 
     table, plot = tmp_path / "comparison.md", tmp_path / "precision.png"
     assert evaluation.main([*(str(run) for run in trained_runs.values()), "--baseline", "pixels", "--data",

@@ -177,13 +177,13 @@ def test_folding_is_stable_under_longer_prefixes():
     assert duplicates.catalog_groups(vectors) == [[1, 6, 8], [3, 7]]
 
 
-def test_duplicate_photos_fold_into_one_result_and_are_listed(trained_runs, cache_dir, tmp_path, capsys):
-    import app
-    import catalog
+def test_duplicate_photos_fold_into_one_result_and_are_listed(clip_run, cache_dir, tmp_path, capsys):
+    from fashion_search.cli import app
+    from fashion_search.cli import catalog_admin as catalog
 
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
-    service, _ = app.load_service(app.parse_args(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    service, _ = app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
     key, data = photo(service, 4)
     folder = tmp_path / "copies"
     folder.mkdir()
@@ -226,14 +226,20 @@ def test_each_kind_of_query_is_calibrated_on_its_own_or_not_at_all(service, monk
     assert "confidence" not in composed[0] and service.close_match(composed) is None
 
 
-def test_the_composed_protocol_runs_on_a_run(trained_runs, tmp_path):
+def test_the_composed_protocol_runs_on_a_run_through_its_command(clip_run, tmp_path, capsys):
     from fashion_search import composed
+    from fashion_search.cli import composed as command
+    from fashion_search.errors import UserError
     from fashion_search.serving.encoder import Encoder
 
+    with pytest.raises(UserError, match="not a clip.py run"):
+        command.main([str(tmp_path)])
     run = tmp_path / "run"
-    shutil.copytree(trained_runs["clip"], run, ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    report = command.main([str(run), "--combiner-epochs", "2", "--min-targets", "1", "--device", "cpu"])  # tiny data
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{\n"):]) == json.loads(json.dumps(report))  # it prints the report last
     encoder = Encoder(str(run / "hf_model"), "cpu", int8=False)
-    report = composed.run_protocol(run, encoder.embed_text, combiner_epochs=2, min_targets=1)  # tiny data
     assert report["weight (chosen on val)"] in composed.WEIGHTS
     for split in ("val", "test"):
         forms = report[split]

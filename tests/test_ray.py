@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # child processes that start clusters or process 
 
 def test_ray_actors_embed_what_the_local_loop_does(trained_runs, hub_dataset, cache_dir, tmp_path):
     pytest.importorskip("ray")
-    import resnet
+    from fashion_search.cli import resnet
 
     common = ["--embed-only", "--checkpoint", str(trained_runs["resnet"]), "--data", str(hub_dataset), "--limit",
               "32", "--device", "cpu", "--cache-dir", str(cache_dir)]
@@ -50,11 +50,11 @@ print("max difference", float(np.abs(local - ray).max()))
 """
 
 
-def test_the_apps_catalog_build_on_ray_equals_the_local_one(trained_runs, hub_dataset, cache_dir):
+def test_the_apps_catalog_build_on_ray_equals_the_local_one(clip_run, hub_dataset, cache_dir):
     """app.py --dataset ... --engine ray: the catalog embedded by Ray actors (the dataset's undecodable row skipped
     as locally) equals the local loop's."""
     pytest.importorskip("ray")
-    command = [sys.executable, "-c", CATALOG_BUILD, str(trained_runs["clip"] / "hf_model"), str(hub_dataset),
+    command = [sys.executable, "-c", CATALOG_BUILD, str(clip_run / "hf_model"), str(hub_dataset),
                str(cache_dir)]
     done = subprocess.run(loopback_namespace(command), cwd=REPO_DIR, env=child_env(), capture_output=True,
                           text=True, timeout=400)

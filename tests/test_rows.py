@@ -1,7 +1,6 @@
 """``row`` is always a row's place in its split as stored, also after a row whose photo does not decode: the
 embeddings' metadata, the photo the app shows, the pixel baseline and CLIP's name pairing all read it so."""
 import shutil
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -32,16 +31,17 @@ def test_rows_after_an_unreadable_photo_keep_their_own_place(broken_processed, t
     import datasets
     from datasets import Image as ImageFeature
 
+    from fashion_search.config import DataConfig
     from fashion_search.data import split_rows
     from fashion_search.serving.catalog import PhotoSource
 
     test = datasets.load_from_disk(str(broken_processed))["test"]
-    rows, kept, ok = split_rows(test, SimpleNamespace(limit=0, image_size=32, cache_dir=str(tmp_path / "cache")))
+    rows, kept, ok = split_rows(test, DataConfig(image_size=32, cache_dir=str(tmp_path / "cache")))
     assert not ok[BROKEN] and ok.sum() == len(test) - 1
     assert rows.__getitems__([BROKEN])[2].item() == BROKEN + 1  # what CLIP's name pairing indexes by
     assert kept[BROKEN]["id"] == test[BROKEN + 1]["id"]
 
-    import clip
+    from fashion_search.cli import clip
 
     run = tmp_path / "clip"
     clip.main(tiny_args(broken_processed, run, tmp_path / "cache"))

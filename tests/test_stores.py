@@ -208,6 +208,33 @@ def test_a_writer_killed_mid_update_leaves_the_old_or_the_new_catalog(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # and clears the leftovers
 
 
+def _many_upserts(folder, start, barrier):
+    """A writer of its own (another process, as two catalog.py runs are): 15 upserts of one item each."""
+    store = open_store("faiss", folder, DIM, "run#1")
+    barrier.wait()
+    for i in range(15):
+        keys, vectors, records = items(1, start=start + i, seed=start + i)
+        store.upsert(keys, vectors, records)
+
+
+def test_two_writers_at_once_lose_nothing(tmp_path):
+    """Two processes each adding items one at a time to the same FAISS folder, at the same moment: every item of
+    both is there afterwards, because each write takes the folder's lock and starts from the latest version."""
+    _, keys, *_ = built("faiss", tmp_path)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    writers = [context.Process(target=_many_upserts, args=(tmp_path, start, barrier)) for start in (7000, 8000)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    after = open_store("faiss", tmp_path, DIM, "run#1")
+    held = set(after.items()[0])
+    assert after.count() == len(keys) + 30
+    assert {str(k) for k in [*range(7000, 7015), *range(8000, 8015)]} <= held
+
+
 HOSTILE_IDS = ["levi's", 'say "hi"', "back\\slash", "a]b", "two\nlines", "x'] or key not in ['x",
                'x"] or key not in ["x', "naïve 😀"]
 

@@ -18,7 +18,7 @@ from fashion_search.serving.query import check_page
 from fashion_search.photos.pool import decode_square
 from fashion_search.serving import gate
 from fashion_search.serving.gate import item_id
-from fashion_search.runs import load_split
+from fashion_search.runs import load_split, trained_data
 from fashion_search.serving import duplicates
 from fashion_search.serving.build import embed_in_chunks
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, QUERY_BATCH, Encoder
@@ -218,8 +218,7 @@ def catalog_from_run(run: Path, encoder: Encoder, dataset: str | None, cache_dir
         return catalog_from_dataset(dataset, encoder, run / "index", cache_dir, str(run / "hf_model"), index,
                                     ray_actors, progress, rebuild)
     progress("loading the catalog")
-    args = json.loads((run / "args.json").read_text())
-    data, _ = load_processed(args["data"])
+    data, _ = load_processed(trained_data(run))
     paths = {split: run / "embeddings" / f"{split}.npy" for split in SPLITS}
     for path in paths.values():
         if not path.exists():

@@ -113,7 +113,8 @@ def build_page(service: SearchService, notice: str = "", max_upload_mb: int = 10
                        for column in service.page_columns]
         routes = query_tabs(service)
         gallery = gr.Gallery(label="results, best first (click one to search by it)", columns=5, height="auto",
-                             allow_preview=False, elem_id="results-gallery")
+                             allow_preview=False, object_fit="contain",  # each product whole, never cropped
+                             elem_id="results-gallery")
         more = gr.Button("More results", elem_id="more-results", size="sm")
         details = gr.Markdown(elem_id="results-details")  # each result in full, and "no close match"
         last = gr.State(None)  # the last search, for "more"
