@@ -6,7 +6,9 @@
 # search and the app. Run alone: two torch jobs at once on 2 cores are 10-40x slower.
 #
 # Usage: benchmarks/compare_full.sh [MODEL...]   (default: resnet siamese clip clip-text vae; the comparison covers
-#        every run folder present in $OUT)
+#        every run folder present in $OUT, and its report with photos goes to $OUT/report.html)
+#        EXTRA="--max-steps 30" OUT=runs/short benchmarks/compare_full.sh: short runs of the same shape (what the
+#        report's cost is measured on: it depends on the catalog's size and the number of runs, not on their quality)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -15,7 +17,7 @@ OUT=${OUT:-runs/full}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 [[ -f data/full/label_map.json ]] || $PY data_preparation.py --dataset "$DATA" --output-dir data/full | tee "$OUT/data_preparation.log"
-common=(--from-scratch --image-size 64 --data data/full --device cpu --seed 0)
+common=(--from-scratch --image-size 64 --data data/full --device cpu --seed 0 ${EXTRA:-})
 train() {  # run name, script, then its arguments; wall time goes to the log
   local name=$1 script=$2; shift 2
   local start=$SECONDS
@@ -36,4 +38,5 @@ for model in "${models[@]}"; do
 done
 runs=()
 for name in resnet siamese clip clip-text vae; do [[ -f "$OUT/$name/metrics.json" ]] && runs+=("$OUT/$name"); done
-$PY evaluation.py "${runs[@]}" --baseline pixels --output "$OUT/comparison.md" --plot "$OUT/precision_at_k.png"
+$PY evaluation.py "${runs[@]}" --baseline pixels --output "$OUT/comparison.md" --plot "$OUT/precision_at_k.png" \
+  --report "$OUT/report.html"

@@ -5,6 +5,7 @@ import http.server
 import io
 import ipaddress
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -147,6 +148,17 @@ def service(clip_run, cache_dir):
     service, notice = app.load_service(config)
     assert notice == ""
     return service
+
+
+@pytest.fixture
+def live(clip_run, cache_dir, tmp_path):
+    """A service of its own over a copy of the clip run, for tests that change its catalog."""
+    from fashion_search.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
+    service, _ = app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
+    return run, service
 
 
 def _loopback(host) -> bool:

@@ -154,8 +154,10 @@ def imageonly_clip(tmp_path_factory, processed, cache_dir):
     return run
 
 
-def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(imageonly_clip, clip_run,
-                                                                                 cache_dir):
+def test_a_text_tower_trained_without_the_text_term_is_recorded_and_words_search_the_catalogs_text(
+        imageonly_clip, clip_run, cache_dir):
+    """Its text tower is never used: words search the catalog's own text (lexically) on every route, and asking for
+    the vector ranking says why it cannot be had."""
     import httpx
     from gradio_client import Client
 
@@ -163,20 +165,24 @@ def test_a_text_tower_trained_without_the_text_term_is_recorded_and_not_offered(
     assert record["usable"] is False and "--text-loss-weight" in record["why"]
     assert json.loads((clip_run / "hf_model" / "text_tower.json").read_text())["usable"] is True
     service, _ = app.load_service(app.parse_config(["--run", str(imageonly_clip), "--cache-dir", str(cache_dir)]))
+    found = service.search_text("red shirt")
+    assert found and all("Red" in r["productDisplayName"] or r["articleType"] == "Shirts" for r in found)
     with pytest.raises(QueryError, match="--text-loss-weight"):
-        service.search_text("red shirt")
+        service.search_text("red shirt", "Any", "Any", "Any", "Any", "vector")
     page = build_page(service)
-    assert not any(getattr(block, "label", None) == "description" for block in page.blocks.values())
-    assert any("Text search is off" in str(getattr(block, "value", "")) for block in page.blocks.values())
+    modes = [block for block in page.blocks.values() if getattr(block, "label", None) == "rank by"]
+    assert [choice[0] for choice in modes[0].choices] == ["lexical"] and "--text-loss-weight" in modes[0].info
     port = free_port()
     server = app.serve(service, port=port)
     try:
         base = f"http://127.0.0.1:{port}"
         answer = httpx.get(f"{base}/api/search_text", params={"q": "red shirt"}, timeout=30)
+        assert answer.status_code == 200 and [r["id"] for r in answer.json()["results"]] == [r["id"] for r in found]
+        answer = httpx.get(f"{base}/api/search_text", params={"q": "red shirt", "mode": "vector"}, timeout=30)
         assert answer.status_code == 400 and "--text-loss-weight" in answer.json()["error"]
-        with pytest.raises(Exception, match="--text-loss-weight"):
-            Client(base + "/", verbose=False).predict("red shirt", "Any", "Any", "Any", "Any",
-                                                      api_name="/search_text")
+        api = Client(base + "/", verbose=False).predict("red shirt", "Any", "Any", "Any", "Any",
+                                                        api_name="/search_text")
+        assert [r["id"] for r in api] == [r["id"] for r in found]
     finally:
         server.close()
 

@@ -8,16 +8,6 @@ import pytest
 from conftest import COLOURS, product_photo
 
 
-@pytest.fixture
-def live(clip_run, cache_dir, tmp_path):
-    from fashion_search.cli import app
-
-    run = tmp_path / "run"
-    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
-    service, _ = app.load_service(app.parse_config(["--run", str(run), "--cache-dir", str(cache_dir)]))
-    return run, service
-
-
 def new_photos(folder, count=10):
     rng = np.random.default_rng(7)
     folder.mkdir()

@@ -20,6 +20,7 @@ from fashion_search.runtime import add_device_arg, positive_int
 from fashion_search.serving.catalog import calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.backbones import CLIP_HUB_MODEL
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, Encoder
+from fashion_search.serving import hybrid
 from fashion_search.serving.front import Front, Server, Startup
 from fashion_search.serving.json_api import json_app
 from fashion_search.serving.page import page_app
@@ -105,8 +106,11 @@ def load_service(config: AppConfig, startup: Startup | None = None) -> tuple[Sea
         encoder = Encoder(str(run / "hf_model"), config.device, config.int8)
         catalog = catalog_from_run(run, encoder, config.dataset, config.cache_dir, config.index,
                                    config.embedding_actors, startup.report)
+        # the text index (a second or two for 40k items) is built beside the first queries, not before them
+        threading.Thread(target=catalog.words.current, daemon=True, name="text-index").start()
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", config.allow_private_urls,
-                             calibration.load(run), config.min_confidence, combiner.load(run)), ""
+                             calibration.load(run), config.min_confidence, combiner.load(run),
+                             hybrid.load_weight(run)), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {config.model} "
               f"zero-shot.")
     print(notice)

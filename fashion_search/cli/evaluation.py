@@ -171,7 +171,7 @@ def write_report(path, config: Comparison, rows: dict, pixels: dict | None):
     table = [{"run": name, **{key: m[key] for key in HEADLINE_KEYS}, "queries": m["num_queries"],
               **{f"LOO {key}": m.get("leave_one_out", {}).get(key, "") for key in ("precision@5", "accuracy@5")}}
              for name, m in rows.items()]
-    sizes = "".join(f"<h3>{html.escape(name)}</h3>{html_table(m['by_class_size'])}" for name, m in rows.items())
+    sizes = html_table([{"run": name, **band} for name, m in rows.items() for band in m["by_class_size"]])
     sections = [("Comparison", html_table(table) + report.figure_png(curves_figure(rows))),
                 ("precision@5 by class size (gallery items per class)", sizes),
                 (f"Queries ({splits[0]} -> {splits[1]}): the same for every run",

@@ -16,7 +16,7 @@ from fashion_search.files import fingerprint, remembered_sha256
 from fashion_search.metrics import TOP_K
 from fashion_search.serving.query import check_page
 from fashion_search.photos.pool import decode_square
-from fashion_search.serving import gate
+from fashion_search.serving import gate, hybrid
 from fashion_search.serving.gate import item_id
 from fashion_search.runs import load_split, trained_data
 from fashion_search.serving import duplicates
@@ -48,6 +48,7 @@ class Catalog:
 
     def __init__(self, store, photos: "PhotoSource", duplicate_cosine: float = duplicates.DUPLICATE_COSINE):
         self.store, self.photos, self.duplicate_cosine = store, photos, duplicate_cosine
+        self.words = hybrid.CatalogWords(store)  # the text index, of the same version as the vectors
         self._refresh_choices()
 
     def _read_choices(self) -> dict:
@@ -127,6 +128,19 @@ class Catalog:
             depth = min(SEARCH_DEPTH, depth * 2)
         return [{**result_record(hits[group[0]]), "duplicates": [hits[i].record.get("id") for i in group[1:]]}
                 for group in groups[offset:offset + k]]
+
+    def search_words(self, vector: np.ndarray, text: str, filters: dict | None = None, k: int = TOP_K,
+                     offset: int = 0, collapse: bool = False, mode: str = "hybrid",
+                     lexical_weight: float = hybrid.LEXICAL_WEIGHT) -> list[dict]:
+        """Results offset to offset + k for a query with words: by the catalog's text alone (mode "lexical"), or
+        fused with the vector ranking ("hybrid"); folded as search() folds."""
+        check_page(k, offset)
+        self.refresh()
+        filters = self.check_filters(filters or {})
+        found = hybrid.search(self.store, self.words.current(), vector, text, filters, k, offset, collapse, mode,
+                              lexical_weight, self.duplicate_cosine)
+        return [{**result_record(hit), **({"duplicates": [d.record.get("id") for d in folded]} if collapse else {})}
+                for hit, folded in found]
 
     def item(self, value) -> tuple[np.ndarray, dict]:
         """An item's vector and record by its id (any text: it stays data); QueryError when the catalog lacks it."""

@@ -27,6 +27,7 @@ MIN_UPLOAD_RATE = 8 << 10  # bytes a second on average (64 kbit/s): a body one b
 UPLOAD_MEMORY = 128 << 20
 MAX_QUERY_BYTES = 16 << 20  # a JSON query (its photos in base64) or a batch of photos
 MAX_BATCH = 64  # photos in one batch request (a supplier feed is matched in such batches)
+MAX_WORDS = 1000  # characters in one text part: far more than a description needs; words cost their length to read
 
 
 def text(value: str, what: str) -> str:
@@ -43,6 +44,14 @@ def text(value: str, what: str) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def words(value: str) -> str:
+    """A query's words: text (as ``text`` checks it) of at most MAX_WORDS characters. They reach the lexical engine
+    as tokens (fashion_search.lexical), never as query text."""
+    if len(value) > MAX_WORDS:
+        raise QueryError(f"a text part is at most {MAX_WORDS:,} characters")
+    return text(value, "a text part")
 
 
 def item_id(value) -> str:

@@ -3,7 +3,7 @@ searched by in turn, and "more results". Gradio is imported only here, when the 
 from __future__ import annotations
 
 from fashion_search.serving.catalog import ANY
-from fashion_search.serving.query import MAX_K
+from fashion_search.serving.query import MAX_K, MODES
 from fashion_search.errors import QueryError
 from fashion_search.serving.json_api import MAX_PENDING
 from fashion_search.serving.service import SearchService, shown
@@ -40,7 +40,8 @@ def raw_upload(payload):
 
 
 def query_tabs(service: SearchService):
-    """The photo, region, URL and text tabs: [(event, search function name, inputs, API name or None)]."""
+    """The photo, region, URL and text tabs: [(event, search function name, inputs, API name or None, inputs after
+    the filters)]."""
     import gradio as gr
 
     with gr.Tabs():
@@ -53,6 +54,8 @@ def query_tabs(service: SearchService):
                                    info=None if service.encoder.text_search else service.encoder.text_search_why)
                 weight = gr.Slider(-1, 1, value=0.5, step=0.1, label="weight of the words (negative: away from them)",
                                    scale=2)
+                refine_mode = gr.Radio(list(MODES), value="hybrid", label="the words rank by", scale=2,
+                                       info="hybrid: the catalog's own words and the look; lexical: the words alone")
             image_button = gr.Button("Search by photo", variant="primary")
             api_image = gr.Button(visible=False)  # the Gradio API's /search_image: the photo alone
         with gr.Tab("Region"):
@@ -64,23 +67,23 @@ def query_tabs(service: SearchService):
             url = gr.Textbox(label="image URL", placeholder="https://...")
             url_button = gr.Button("Search by URL", variant="primary")
         with gr.Tab("Text"):
-            if service.encoder.text_search:
-                text = gr.Textbox(label="description", placeholder="navy blue men's shirt")
-                text_button = gr.Button("Search by text", variant="primary")
-            else:
-                gr.Markdown(f"Text search is off: {service.encoder.text_search_why}")
-    routes = [(image_button.click, "search_photo", [image, words, weight], None),
-              (words.submit, "search_photo", [image, words, weight], None),
-              (image.upload, "search_image_file", [image], None),
-              (api_image.click, "search_image_file", [image], "search_image"),
-              (region_button.click, "search_image_file", [region], None),
-              (url_button.click, "search_url", [url], "search_url"),
-              (url.submit, "search_url", [url], None)]
-    if service.encoder.text_search:
-        return routes + [(text_button.click, "search_text", [text], "search_text"),
-                         (text.submit, "search_text", [text], None)]
-    text = gr.Textbox(visible=False)  # the API answers why, rather than not knowing the route
-    return routes + [(text.submit, "search_text", [text], "search_text")]
+            # words search the catalog's own text even where the text tower cannot (then lexically)
+            text = gr.Textbox(label="description", placeholder="black leather wallet for men")
+            modes = list(MODES) if service.encoder.text_search else ["lexical"]
+            text_mode = gr.Radio(modes, value=modes[0], label="rank by",
+                                 info="hybrid: the catalog's own words and the look; vector: the look alone; "
+                                      "lexical: the words alone" if service.encoder.text_search else
+                                      f"the catalog's words alone: {service.encoder.text_search_why}")
+            text_button = gr.Button("Search by text", variant="primary")
+    return [(image_button.click, "search_photo", [image, words, weight], None, [refine_mode]),
+            (words.submit, "search_photo", [image, words, weight], None, [refine_mode]),
+            (image.upload, "search_image_file", [image], None, []),
+            (api_image.click, "search_image_file", [image], "search_image", []),
+            (region_button.click, "search_image_file", [region], None, []),
+            (url_button.click, "search_url", [url], "search_url", []),
+            (url.submit, "search_url", [url], None, []),
+            (text_button.click, "search_text", [text], "search_text", [text_mode]),
+            (text.submit, "search_text", [text], None, [text_mode])]
 
 
 def raw_composite(payload):
@@ -121,9 +124,9 @@ def build_page(service: SearchService, notice: str = "", max_upload_mb: int = 10
         with gr.Accordion("API answer", open=False):
             results = gr.JSON(label="results")
         item_id = gr.Textbox(visible=False)  # ids are numbers or, for a folder of photos, file names
-        for trigger, name, sources, api_name in routes:
-            trigger(guarded(remembered(service, name)), [*sources, *filters], [results, last], api_name=api_name,
-                    api_visibility="public" if api_name else "private")
+        for trigger, name, sources, api_name, after in routes:
+            trigger(guarded(remembered(service, name)), [*sources, *filters, *after], [results, last],
+                    api_name=api_name, api_visibility="public" if api_name else "private")
         gr.api(guarded_search(service, max_upload_mb << 20), api_name="search")
 
         def next_page(current, query):  # up to MAX_K results in all: the gallery shows no more

@@ -19,6 +19,9 @@ MAX_PARTS = 8
 MAX_URL_PARTS = 2  # fetched together, within one deadline
 MAX_WEIGHT = 10.0
 PART_KINDS = ("photo", "url", "item", "text")
+# How a query with words ranks: fused with the catalog's own words (hybrid), by its embedding alone (vector), or by
+# the catalog's words alone (lexical; a query's photos are then left out). Without words every mode is vector.
+MODES = ("hybrid", "vector", "lexical")
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,34 @@ class Query:
     offset: int = 0
     box: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1 in the photo's pixels (upright)
     collapse: bool = True
+    mode: str = "hybrid"  # one of MODES
+
+    @property
+    def words(self) -> str:
+        """The words the catalog's text is searched for: the text parts of positive weight ("away from" words are
+        for the vector side alone)."""
+        return " ".join(str(part.value) for part in self.parts if part.kind == "text" and part.weight > 0).strip()
+
+    @property
+    def ranking(self) -> str:
+        """How this query ranks: its mode where it has words, else vector."""
+        return self.mode if self.words else "vector"
 
     @property
     def kind(self) -> str:
-        """photo, text or composed: each has its own match-confidence calibration."""
+        """What match-confidence calibration its scores take: photo, text or composed, and "text hybrid", "text
+        lexical", ... where the catalog's words rank too (their scores are on other scales)."""
         kinds = {"text" if part.kind == "text" else "photo" for part in self.parts}
-        return kinds.pop() if len(kinds) == 1 and len(self.parts) == 1 else "composed"
+        kind = kinds.pop() if len(kinds) == 1 and len(self.parts) == 1 else "composed"
+        return kind if self.ranking == "vector" else f"{kind} {self.ranking}"
+
+
+def parse_mode(value) -> str:
+    if value is None or value == "":
+        return "hybrid"
+    if value not in MODES:
+        raise QueryError(f"mode is one of {', '.join(MODES)}")
+    return value
 
 
 def check_page(k, offset):
@@ -154,9 +179,10 @@ def from_json(body, max_photo_bytes: int) -> Query:
     "collapse": true}."""
     if not isinstance(body, dict):
         raise QueryError('the body is a JSON object: {"parts": [...], "filters": {...}, "k": 5, "offset": 0}')
-    unknown = sorted(set(body) - {"parts", "filters", "k", "offset", "box", "collapse"})
+    unknown = sorted(set(body) - {"parts", "filters", "k", "offset", "box", "collapse", "mode"})
     if unknown:
-        raise QueryError(f"unknown field {unknown[0][:100]!r} (fields: parts, filters, k, offset, box, collapse)")
+        raise QueryError(f"unknown field {unknown[0][:100]!r} (fields: parts, filters, k, offset, box, collapse, "
+                         f"mode)")
     parts = body.get("parts")
     if not isinstance(parts, list) or not 1 <= len(parts) <= MAX_PARTS:
         raise QueryError(f"parts is a list of 1 to {MAX_PARTS} parts")
@@ -164,7 +190,7 @@ def from_json(body, max_photo_bytes: int) -> Query:
         raise QueryError(f"a query has at most {MAX_URL_PARTS} URL parts")
     query = Query(tuple(parse_part(part, max_photo_bytes) for part in parts), parse_filters(body.get("filters")),
                   whole_number(body.get("k"), "k", TOP_K), whole_number(body.get("offset"), "offset", 0),
-                  parse_box(body.get("box")), flag(body.get("collapse"), "collapse", True))
+                  parse_box(body.get("box")), flag(body.get("collapse"), "collapse", True), parse_mode(body.get("mode")))
     check_page(query.k, query.offset)
     if query.box is not None and not any(part.kind in ("photo", "url") for part in query.parts):
         raise QueryError("a box needs a photo or URL part to cut it from")
@@ -218,7 +244,7 @@ def from_text(text, max_photo_bytes: int) -> Query:
     return from_json(parse_json(text), max_photo_bytes)
 
 
-PAGE_PARAMS = ("k", "offset", "box", "collapse")
+PAGE_PARAMS = ("k", "offset", "box", "collapse", "mode")
 PART_PARAMS = {"text": "q", "url": "url", "item": "id"}  # the query-string parameter of each GET route's part
 
 
@@ -231,10 +257,11 @@ def from_params(params, kind: str, filter_columns, value=None) -> Query:
     unknown = sorted(set(filters) - known)
     if unknown:
         raise QueryError(f"unknown parameter {unknown[0][:100]!r} (filters: {', '.join(filter_columns)}; also k, "
-                         f"offset, box, collapse)")
+                         f"offset, box, collapse, mode)")
     query = Query((Part(kind, params.get(first, "") if value is None else value),), query_params_filters(filters),
                   whole_number(params.get("k"), "k", TOP_K), whole_number(params.get("offset"), "offset", 0),
-                  parse_box(params.get("box")), flag(params.get("collapse"), "collapse", True))
+                  parse_box(params.get("box")), flag(params.get("collapse"), "collapse", True),
+                  parse_mode(params.get("mode")))
     check_page(query.k, query.offset)
     return query
 

@@ -17,7 +17,8 @@ from fashion_search.serving.encoder import Encoder
 from fashion_search.errors import QueryError
 from fashion_search.serving.fetch import TOTAL_TIMEOUT, Deadline, fetch_url
 from fashion_search.photos.pool import open_rgb
-from fashion_search.serving.query import MAX_K, Part, Query, from_text
+from fashion_search.serving import gate, hybrid
+from fashion_search.serving.query import MAX_K, Part, Query, from_text, parse_mode
 
 # A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
 MIN_CONFIDENCE = 0.5
@@ -51,8 +52,10 @@ class SearchService:
     """Everything the page and the API do, without Gradio: each query returns the top results as records."""
 
     def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False,
-                 calibration: dict | None = None, min_confidence: float = MIN_CONFIDENCE, combiner=None):
+                 calibration: dict | None = None, min_confidence: float = MIN_CONFIDENCE, combiner=None,
+                 lexical_weight: float = hybrid.LEXICAL_WEIGHT):
         self.encoder, self.catalog, self.model_name = encoder, catalog, model_name
+        self.lexical_weight = lexical_weight  # the catalog's words against the embedding in hybrid rankings
         self.combiner = combiner  # fashion_search.combiner.Combiner, for "this photo + words"
         self.allow_private_urls = allow_private_urls
         self.calibration, self.min_confidence = calibration, min_confidence
@@ -71,10 +74,18 @@ class SearchService:
     def filters(self, *values):
         return dict(zip(self.page_columns, values))
 
-    def page_query(self, kind: str, value, filters, offset=0) -> list[dict]:
-        """A one-part query of the page or its Gradio API (the page's filters, positional), through the one search
-        path every route takes (``run``): five results from ``offset``, near-duplicates folded."""
-        return self.run(Query((Part(kind, value),), self.filters(*filters), offset=offset))
+    def page_query(self, kind: str, value, values, offset=0) -> list[dict]:
+        """A one-part query of the page or its Gradio API (the page's filters, positional, then for words the
+        mode), through the one search path every route takes (``run``): five results from ``offset``,
+        near-duplicates folded."""
+        filters, mode = self.page_values(values)
+        return self.run(Query((Part(kind, value),), self.filters(*filters), offset=offset, mode=mode))
+
+    def page_values(self, values) -> tuple[tuple, str]:
+        """(the page's filters, the mode) of a page event's positional values: the filters, then the mode where
+        the event has one."""
+        count = len(self.page_columns)
+        return tuple(values[:count]), parse_mode(values[count] if len(values) > count else None)
 
     def rank(self, vector, filters: dict | None = None, k=TOP_K, offset=0, kind="photo", collapse=False
              ) -> list[dict]:
@@ -82,7 +93,10 @@ class SearchService:
         for this kind of query (photo, text, composed): ``confidence`` (how likely it shares the query's article
         type) and ``close_match`` (confidence at least min_confidence). With ``collapse``, near-duplicates of a
         result are folded into it (``duplicates``: their ids)."""
-        results = self.catalog.search(vector, filters, k, offset, collapse)
+        return self.confident(self.catalog.search(vector, filters, k, offset, collapse), kind)
+
+    def confident(self, results: list[dict], kind: str) -> list[dict]:
+        """The results with their confidence where the run is calibrated for this kind of query."""
         fitted = calibration.for_kind(self.calibration, kind)
         if fitted is not None and results:
             for record, value in zip(results, calibration.confidence(fitted, [r["score"] for r in results])):
@@ -106,8 +120,28 @@ class SearchService:
         return self.page_query("photo", data, filters, offset)
 
     def run(self, query: Query) -> list[dict]:
-        """A query of weighted parts: the weighted sum of their unit embeddings, made unit again; or, for one photo
-        (URL, item) and one text part of positive weight where the run has a combiner, the combiner's output."""
+        """A query of weighted parts, ranked by its embedding (query_vector), fused with the catalog's own words where
+        it has words (mode hybrid), or by those words alone (mode lexical, or text where the run's text tower cannot
+        search)."""
+        for part in query.parts:
+            if part.kind == "text":
+                gate.words(str(part.value))
+        text_only = all(part.kind == "text" for part in query.parts)
+        cannot_embed = text_only and not self.encoder.text_search  # hybrid falls back to the words alone
+        if query.ranking == "lexical" or (query.ranking == "hybrid" and cannot_embed):
+            results = self.catalog.search_words(None, query.words, query.filters, query.k, query.offset,
+                                                query.collapse, "lexical")
+            return self.confident(results, "text lexical" if text_only else "composed lexical")
+        vector = self.query_vector(query)
+        if query.ranking == "hybrid":
+            results = self.catalog.search_words(vector, query.words, query.filters, query.k, query.offset,
+                                                query.collapse, "hybrid", self.lexical_weight)
+            return self.confident(results, query.kind)
+        return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse)
+
+    def query_vector(self, query: Query) -> np.ndarray:
+        """The weighted sum of the parts' unit embeddings, made unit again; or, for one photo (URL, item) and one
+        text part of positive weight where the run has a combiner, the combiner's output."""
         vectors = self.part_vectors(query.parts, query.box)
         kinds = [part.kind for part in query.parts]
         if self.combiner is not None and len(kinds) == 2 and kinds[1] == "text" and kinds[0] != "text" and \
@@ -121,7 +155,7 @@ class SearchService:
             if norm < 1e-6:
                 raise QueryError("the query's parts cancel each other out: nothing is left to search by")
             vector = total / norm
-        return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse)
+        return vector
 
     def part_vectors(self, parts, box=None) -> list[np.ndarray]:
         """Each part's unit embedding. URL parts (at most query.MAX_URL_PARTS) are fetched together, under one
@@ -172,12 +206,14 @@ class SearchService:
     def search_image_file(self, path, *filters, offset=0):
         return self.search_image_bytes(read_upload(path), *filters, offset=offset)
 
-    def search_photo(self, path, words="", weight=0.5, *filters, offset=0):
-        """The page's photo tab: the photo, refined with words at a weight (negative: away from them)."""
+    def search_photo(self, path, words="", weight=0.5, *values, offset=0):
+        """The page's photo tab: the photo, refined with words at a weight (negative: away from them); the page's
+        filters, then the mode."""
         parts = [Part("photo", read_upload(path))]
         if (words or "").strip():
             parts.append(Part("text", words.strip(), float(weight)))
-        return self.run(Query(tuple(parts), self.filters(*filters), offset=offset))
+        filters, mode = self.page_values(values)
+        return self.run(Query(tuple(parts), self.filters(*filters), offset=offset, mode=mode))
 
     def search_json(self, text: str, max_photo_bytes: int):
         """The Gradio API's /search: a query as the JSON route takes it, as text (its photos within
@@ -191,8 +227,9 @@ class SearchService:
     def search_url(self, url, *filters, offset=0):
         return self.page_query("url", url or "", filters, offset)
 
-    def search_text(self, text, *filters, offset=0):
-        return self.page_query("text", text or "", filters, offset)
+    def search_text(self, text, *values, offset=0):
+        """The page's text tab: the page's filters, then the mode (hybrid where it is left out)."""
+        return self.page_query("text", text or "", values, offset)
 
     def search_item(self, item_id, *filters, offset=0):
         return self.page_query("item", item_id, filters, offset)

@@ -64,6 +64,10 @@ class VectorStore(Protocol):
     # What the base catalog was built from: "SOURCE#HASH", its source (stores.source_of) and a hash of its model and
     # data; "" for an empty store.
     fingerprint: str
+    # Which version of the items this store holds (FAISS: its version number, new at every write); None where it
+    # cannot tell (Milvus: every search asks the server), so that what is derived from all items (the text index) is
+    # re-read now and then instead.
+    version: int | None
 
     def build(self, fingerprint: str, keys: Sequence[str], vectors: np.ndarray, records: Sequence[dict]) -> None:
         """Hold exactly these items, built in bulk (the base catalog), under this fingerprint."""
@@ -86,6 +90,9 @@ class VectorStore(Protocol):
 
     def items(self) -> tuple[list[str], np.ndarray]:
         """Every item's key and vector (float32 [N, dim])."""
+
+    def records(self) -> tuple[list[str], list[dict]]:
+        """Every item's key and record (the text index reads the catalog's words from them)."""
 
     def values(self) -> dict[str, list[str]]:
         """Each filter column's distinct values, sorted ('' left out)."""

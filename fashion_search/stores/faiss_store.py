@@ -58,6 +58,10 @@ class FaissStore:
     def fingerprint(self) -> str:
         return self._state.fingerprint
 
+    @property
+    def version(self) -> int:
+        return self._state.version
+
     def count(self) -> int:
         return len(self._position)
 
@@ -110,6 +114,11 @@ class FaissStore:
         """Every live item's key and vector (float32 [N, dim]), in index order."""
         state = self._state
         return [str(key) for key in state.keys[state.live]], stored_vectors(state.index)[state.live].copy()
+
+    def records(self) -> tuple[list[str], list[dict]]:
+        """Every live item's key and record, in index order."""
+        state = self._state
+        return [str(key) for key in state.keys[state.live]], [json.loads(r) for r in state.records[state.live]]
 
     def values(self) -> dict[str, list[str]]:
         state = self._state

@@ -93,6 +93,7 @@ def keys_expression(keys) -> str:
 
 
 class MilvusStore:
+    version = None  # the server's collection changes without telling
     def __init__(self, client, target: dict, dim: int, fingerprint: str):
         self.client, self.target, self.dim, self.fingerprint = client, target, dim, fingerprint
         self.collection = target["collection"]
@@ -233,6 +234,19 @@ class MilvusStore:
         finally:
             iterator.close()
         return keys, np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
+
+    def records(self) -> tuple[list[str], list[dict]]:
+        """Every item's key and record, read through the whole collection."""
+        keys, records = [], []
+        iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="",
+                                              output_fields=["key", "record"])
+        try:
+            while batch := iterator.next():
+                keys += [row["key"] for row in batch]
+                records += [public(row["record"]) for row in batch]
+        finally:
+            iterator.close()
+        return keys, records
 
     def refresh(self) -> bool:
         return False  # every search asks the server, at the store's consistency level

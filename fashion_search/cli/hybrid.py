@@ -1,0 +1,128 @@
+"""Hybrid text search measured on a clip.py run (fashion_search.shoppers has the protocol): shopper-style queries
+from val products choose the lexical ranking's weight in the fusion, those from test products are reported for the
+vector, lexical and hybrid rankings, per template; the product-name protocol (text -> image recall@10) for each;
+and the match confidence of hybrid and lexical text queries, fitted on val, goes into RUN/calibration.json. The
+chosen weight goes to RUN/hybrid.json, which the app reads.
+
+Usage: python -m fashion_search.cli.hybrid RUN [--queries 400]   (installed: fashion-hybrid)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fashion_search import calibration, shoppers
+from fashion_search.errors import UserError, cli
+from fashion_search.files import atomic_write_json
+from fashion_search.lexical import fuse
+from fashion_search.metrics import search
+from fashion_search.runs import load_split
+from fashion_search.runtime import add_device_arg, positive_int
+from fashion_search.serving.hybrid import WEIGHT_FILE
+
+WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the lexical ranking's weight against the vector one's 1
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """The flags, parsed once (their defaults and meaning: parse_config)."""
+    run: str
+    device: str
+    queries: int
+    seed: int
+
+
+def parse_config(argv=None) -> HybridConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a clip.py run with a usable text tower")
+    add_device_arg(parser)
+    parser.add_argument("--queries", type=positive_int, default=400, help="queries per template and split")
+    parser.add_argument("--seed", type=int, default=0)
+    return HybridConfig(**vars(parser.parse_args(argv)))
+
+
+def embed_texts(encoder, texts: list[str]) -> np.ndarray:
+    return np.stack([encoder.embed_text(text) for text in texts]).astype(np.float32)
+
+
+def name_protocol(run: Path, test, test_meta, weight: float) -> dict:
+    """Each test product's name against the test photos, where only its own photo counts: recall@10 for each
+    ranking. The lexical side reads every column but the names (else it finds each name trivially)."""
+    names = np.load(run / "embeddings" / "text_test.npy")
+    index = shoppers.gallery_index(test_meta, without=("productDisplayName",))
+    _, vector = search(names, test, shoppers.DEPTH)
+    own = np.arange(len(test_meta))
+    lexical = [[int(key) for key, _ in index.search(name, shoppers.DEPTH)] for name in test_meta["productDisplayName"]]
+    hybrid = [[int(key) for key, _ in fuse([[str(i) for i in v], [str(i) for i in w]], [1.0, weight])]
+              for v, w in zip(vector, lexical)]
+    recall = {mode: round(float(np.mean([i in list(r)[:10] for i, r in zip(own, lists)])), 4)
+              for mode, lists in (("vector", vector), ("lexical", lexical), ("hybrid", hybrid))}
+    return {"protocol": "test product names -> test photos (own photo), recall@10", **recall}
+
+
+def fused_pairs(queries, vectors, gallery, gallery_meta, index, weight, mode) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, matches) of every query's top 5 in one ranking: what its confidence is fitted on."""
+    _, ranked = search(vectors, gallery, shoppers.DEPTH)
+    scores, matches = [], []
+    for query, semantic in zip(queries, ranked):
+        lexical = [key for key, _ in index.search(query["text"], shoppers.DEPTH)]
+        if mode == "hybrid":
+            top = fuse([[str(i) for i in semantic], lexical], [1.0, weight])[:5]
+        else:
+            top = [(key, 1.0 / (rank + 1)) for rank, key in enumerate(lexical[:5])]
+        rel = shoppers.relevant(query["attributes"], gallery_meta)
+        scores += [score for _, score in top]
+        matches += [bool(rel[int(key)]) for key, _ in top]
+    return np.asarray(scores), np.asarray(matches)
+
+
+def main(argv=None) -> dict:
+    from fashion_search.serving.encoder import Encoder
+
+    config = parse_config(argv)
+    run = Path(config.run)
+    if not (run / "hf_model" / "config.json").exists():
+        raise UserError(f"{run} is not a clip.py run (no hf_model/config.json)")
+    encoder = Encoder(str(run / "hf_model"), config.device, int8=False)
+    if not encoder.text_search:
+        raise UserError(encoder.text_search_why)
+    (gallery, gallery_meta), (_, val_meta), (test, test_meta) = (load_split(run, s) for s in ("train", "val", "test"))
+    started = time.perf_counter()
+    index = shoppers.gallery_index(gallery_meta)
+    index_seconds = time.perf_counter() - started
+    val_queries = shoppers.make_queries(val_meta, config.queries, config.seed)
+    test_queries = shoppers.make_queries(test_meta, config.queries, config.seed + 1)
+    val_vectors = embed_texts(encoder, [q["text"] for q in val_queries])
+    test_vectors = embed_texts(encoder, [q["text"] for q in test_queries])
+    on_val = {w: shoppers.protocol(val_queries, val_vectors, gallery, gallery_meta, w, index)["hybrid"]["all"]
+              for w in WEIGHTS}
+    weight = max(WEIGHTS, key=lambda w: (on_val[w]["precision@5"], on_val[w]["success@5"]))
+    report = {"lexical weight (chosen on val)": weight,
+              "val, hybrid by weight": {str(w): figures for w, figures in on_val.items()},
+              "test": shoppers.protocol(test_queries, test_vectors, gallery, gallery_meta, weight, index),
+              "names": name_protocol(run, test, test_meta, weight),
+              "text index": {"items": len(index), "build seconds": round(index_seconds, 2)},
+              "examples": [q["text"] for q in test_queries[::max(1, len(test_queries) // 12)]]}
+    kinds = {}
+    for mode in ("hybrid", "lexical"):
+        kinds[f"text {mode}"] = calibration.fit(*fused_pairs(val_queries, val_vectors, gallery, gallery_meta, index,
+                                                             weight, mode))
+    fitted = calibration.load(run)
+    if fitted:
+        atomic_write_json(run / calibration.FILE, {**fitted, "kinds": {**fitted.get("kinds", {}), **kinds}})
+    atomic_write_json(run / WEIGHT_FILE, {"lexical_weight": weight, "chosen_on": "val shopper queries"})
+    print(json.dumps(report, indent=1))
+    return report
+
+
+def command():  # fashion-hybrid, python -m fashion_search.cli.hybrid
+    cli(main)
+
+
+if __name__ == "__main__":
+    command()

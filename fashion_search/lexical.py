@@ -1,0 +1,89 @@
+"""Lexical search over the catalog's own words: BM25 (bm25s) over each item's text columns, stemmed (Snowball, through
+PyStemmer), and the fusion of a lexical and a vector ranking (reciprocal rank fusion).
+
+Words meet across the catalog's spellings: case and accents fold, a hyphen or space inside a word joins it
+("t-shirt", "T Shirt" and "Tshirts" all become "tshirt"), and stems meet ("Wallets" and "wallet"). A query reaches the
+engine as a list of tokens, never as text in its query language: no operator, quote or field name of the engine can
+be written in a query. Words absent from the catalog are ignored."""
+from __future__ import annotations
+
+import re
+import threading
+import unicodedata
+
+import numpy as np
+
+# The catalog's fields that are not words about the product: its id, where its photo is, its place in a split.
+NOT_WORDS = ("id", "photo", "split", "row", "score", "year")
+# Two-letter and longer words (single letters carry nothing once "t-shirt" is joined); stop words dropped.
+STOP_WORDS = frozenset("a an and for in of on or the to with by at from".split())
+# Letters that a space or hyphen separates from the rest of a word that the catalog writes joined ("t shirt").
+JOINED = re.compile(r"\b(t)[\s-]+(shirts?)\b")
+TOKEN = re.compile(r"\w{2,}")
+FUSION_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): 1 / (FUSION_K + rank)
+
+
+def words(text: str) -> list[str]:
+    """Text -> normalised, stemmed tokens."""
+    text = unicodedata.normalize("NFKD", str(text).lower())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = JOINED.sub(r"\1\2", text)
+    text = re.sub(r"(\w)-(\w)", r"\1\2", text)  # hyphenated words join: "t-shirt", "v-neck"
+    return _stemmer().stemWords([t for t in TOKEN.findall(text) if t not in STOP_WORDS])
+
+
+_STEMMERS = {}
+
+
+def _stemmer():
+    import Stemmer
+
+    key = threading.get_ident()  # a PyStemmer stemmer is not thread-safe: one per thread
+    if key not in _STEMMERS:
+        _STEMMERS[key] = Stemmer.Stemmer("english")
+    return _STEMMERS[key]
+
+
+def item_text(record: dict) -> str:
+    """The words of an item: every text field of its record but those that are not about the product."""
+    return " ".join(str(value) for field, value in record.items()
+                    if field not in NOT_WORDS and isinstance(value, str) and value)
+
+
+class TextIndex:
+    """BM25 over a fixed set of items (one version of a catalog: a new version gets a new index)."""
+
+    def __init__(self, keys: list[str], records: list[dict]):
+        import bm25s
+
+        self.keys = list(keys)
+        self.engine, self.vocabulary = None, set()
+        if self.keys:  # (bm25s cannot index nothing: an empty catalog has no words)
+            self.engine = bm25s.BM25()
+            corpus = [words(item_text(record)) or ["\0"] for record in records]  # an item without words matches none
+            self.engine.index(corpus, show_progress=False)
+            self.vocabulary = set(self.engine.vocab_dict)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def search(self, text: str, depth: int, allowed: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """(key, BM25 score) of the ``depth`` best items with any of the query's words, best first; ``allowed``
+        (bool [N], in key order): only those items."""
+        tokens = [t for t in words(text) if t in self.vocabulary]
+        if not tokens or not self.keys:
+            return []
+        depth = min(depth, len(self.keys))
+        mask = None if allowed is None else np.asarray(allowed, dtype=np.float32)
+        places, scores = self.engine.retrieve([tokens], k=depth, show_progress=False, weight_mask=mask)
+        return [(self.keys[int(place)], float(score)) for place, score in zip(places[0], scores[0]) if score > 0]
+
+
+def fuse(rankings: list[list[str]], weights: list[float], k: int = FUSION_K) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: each key scores sum(weight / (k + rank)) over the rankings it is in (rank from 1);
+    best first, ties by first appearance."""
+    scores: dict[str, float] = {}
+    for ranking, weight in zip(rankings, weights):
+        for rank, key in enumerate(ranking, 1):
+            scores[key] = scores.get(key, 0.0) + weight / (k + rank)
+    return sorted(scores.items(), key=lambda item: -item[1])
