@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then put back
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file: mkstemp's temp files are 0600
 
 
 def atomic_write(path, write, suffix=""):
@@ -25,6 +28,7 @@ def atomic_write(path, write, suffix=""):
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -208,3 +208,13 @@ def test_a_files_hash_is_remembered_until_its_size_or_time_changes(tmp_path, mon
     assert files.remembered_sha256(model, ledger) == hashlib.sha256(b"weights v2!").hexdigest() and len(reads) == 2
     ledger.write_text("not json")
     assert files.remembered_sha256(model, ledger) == hashlib.sha256(b"weights v2!").hexdigest() and len(reads) == 3
+
+
+def test_a_file_written_atomically_has_the_mode_a_plain_write_gives(tmp_path):
+    """The temp file of an atomic write is private (mkstemp: 0600); the file it becomes is not."""
+    from fashion_search.files import atomic_write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == mode

@@ -96,6 +96,13 @@ def search(store, words: Words, vector: np.ndarray, text: str, filters: dict, k:
         fused = fuse([semantic, lexical], [1.0, lexical_weight])
     if not collapse:
         return [(hit, []) for hit in ranked_hits(store, fused[offset:offset + k], False)]
-    hits = ranked_hits(store, fused, True)
-    groups = duplicates.fold(np.stack([hit.vector for hit in hits]), duplicate_cosine) if hits else []
+    # Folded as Catalog.search folds: a prefix of the fused ranking, doubled until it holds offset + k groups (the
+    # groups of a prefix never change as it grows, so pages stay consistent).
+    prefix = offset + k
+    while True:
+        hits = ranked_hits(store, fused[:prefix], True)
+        groups = duplicates.fold(np.stack([hit.vector for hit in hits]), duplicate_cosine) if hits else []
+        if len(groups) >= offset + k or prefix >= len(fused):
+            break
+        prefix = min(len(fused), 2 * prefix)
     return [(hits[group[0]], [hits[i] for i in group[1:]]) for group in groups[offset:offset + k]]
