@@ -21,6 +21,7 @@ import numpy as np
 from fashion_search import calibration
 from fashion_search import combiner as combiners
 from fashion_search.files import atomic_write_json
+from fashion_search.lexical import save_weight
 from fashion_search.metrics import TOP_K, search
 
 MIN_TARGETS = 5
@@ -171,6 +172,15 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
                                         "val success@5": max(entry["val success@5"] for entry in log)})
         report["combiner epochs"] = log
 
+    hybrid = hybrid_form(by_split, train, train_meta, composed_vectors, model)
+    for split in ("val", "test"):
+        report[split]["composed (hybrid: and the colour word in the catalog's text)"] = hybrid[split]["figures"]
+    report["hybrid lexical weight (chosen on val)"] = hybrid["weight"]
+    save_weight(run_dir, "composed", hybrid["weight"], "val composed queries (python -m fashion_search.cli.composed)")
+    kinds["composed hybrid"] = calibration.fit(*hybrid["val"]["pairs"])
+    kinds["composed hybrid"]["fitted_on"] = ("top-5 results of the val split's composed queries ranked hybrid (the "
+                                             "vector ranking fused with the colour word's BM25 ranking)")
+
     def pairs(split):
         queries, parts = by_split[split]
         scores, indices = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train, TOP_K)
@@ -196,6 +206,48 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
                                       "train split's photos; a match shares the named product's article type")
         report["text reliability on test"] = calibration.reliability(kinds["text"], *text_pairs["test"])
     fitted = calibration.load(run_dir)
-    if fitted:
-        atomic_write_json(run_dir / calibration.FILE, {**fitted, "kinds": kinds})
+    if fitted:  # the kinds other commands fitted (the hybrid text ones) stay
+        atomic_write_json(run_dir / calibration.FILE, {**fitted, "kinds": {**fitted.get("kinds", {}), **kinds}})
     return report
+
+
+HYBRID_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
+HYBRID_DEPTH = 100  # each side of the fusion, as the app reads them (serving.hybrid.FUSION_DEPTH)
+
+
+def hybrid_form(by_split, train, train_meta, composed_vectors, model) -> dict:
+    """The composed query ranked as the app's hybrid mode ranks it: the composed vector's ranking fused with the BM25
+    ranking of the colour word over the train split's text, the lexical weight chosen on val. Per split: its figures
+    and the (score, match) pairs of its top 5; and the weight."""
+    from fashion_search.lexical import fuse
+    from fashion_search.shoppers import gallery_index
+
+    index = gallery_index(train_meta)
+    lexical = {}
+
+    def ranked(split, weight):
+        queries, parts = by_split[split]
+        _, semantic = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train,
+                             HYBRID_DEPTH)
+        tops = []
+        for (_, _, colour), vector_side in zip(queries, semantic):
+            if colour not in lexical:
+                lexical[colour] = [key for key, _ in index.search(word(colour), HYBRID_DEPTH)]
+            tops.append(fuse([[str(i) for i in vector_side if i >= 0], lexical[colour]], [1.0, weight])[:TOP_K])
+        return tops
+
+    def figures_of(split, tops):
+        queries = by_split[split][0]
+        indices = np.asarray([[int(key) for key, _ in top] + [-1] * (TOP_K - len(top)) for top in tops])
+        hit, same_type = success(indices, train_meta, queries)
+        wanted = np.asarray([[article, colour] for _, article, colour in queries])
+        types = train_meta["articleType"].to_numpy()[indices]
+        colours = train_meta["baseColour"].to_numpy()[indices]
+        matches = ((types == wanted[:, :1]) & (colours == wanted[:, 1:]) & (indices >= 0)).ravel()
+        scores = np.asarray([[score for _, score in top] + [0.0] * (TOP_K - len(top)) for top in tops]).ravel()
+        return {"figures": {"success@5": round(hit, 4), "type T share": round(same_type, 4)},
+                "pairs": (scores[indices.ravel() >= 0], matches[indices.ravel() >= 0])}
+
+    on_val = {w: figures_of("val", ranked("val", w)) for w in HYBRID_WEIGHTS}
+    weight = max(HYBRID_WEIGHTS, key=lambda w: on_val[w]["figures"]["success@5"])
+    return {"weight": weight, "val": on_val[weight], "test": figures_of("test", ranked("test", weight))}

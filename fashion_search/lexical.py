@@ -21,6 +21,11 @@ STOP_WORDS = frozenset("a an and for in of on or the to with by at from".split()
 JOINED = re.compile(r"\b(t)[\s-]+(shirts?)\b")
 TOKEN = re.compile(r"\w{2,}")
 FUSION_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): 1 / (FUSION_K + rank)
+LEXICAL_WEIGHT = 1.0  # the lexical ranking's weight in a fusion, against 1 for the vector one, where none was chosen
+# Beside a run: the lexical weight chosen on val for each kind of query with words, "text" (python -m
+# fashion_search.cli.hybrid) and "composed" (python -m fashion_search.cli.composed); the app reads it.
+WEIGHTS_FILE = "hybrid.json"
+QUERY_KINDS = ("text", "composed")
 
 
 def words(text: str) -> list[str]:
@@ -77,6 +82,41 @@ class TextIndex:
         mask = None if allowed is None else np.asarray(allowed, dtype=np.float32)
         places, scores = self.engine.retrieve([tokens], k=depth, show_progress=False, weight_mask=mask)
         return [(self.keys[int(place)], float(score)) for place, score in zip(places[0], scores[0]) if score > 0]
+
+
+def load_weights(run_dir) -> dict[str, float]:
+    """Each kind's lexical weight from the run's hybrid.json; LEXICAL_WEIGHT where it has none or it cannot be read."""
+    import json
+    from pathlib import Path
+
+    try:
+        chosen = json.loads((Path(run_dir) / WEIGHTS_FILE).read_text())
+    except (OSError, ValueError):
+        chosen = {}
+    weights = {}
+    for kind in QUERY_KINDS:
+        try:
+            weight = float(chosen[kind]["lexical_weight"])
+            weights[kind] = weight if 0 <= weight <= 100 else LEXICAL_WEIGHT
+        except (KeyError, TypeError, ValueError):
+            weights[kind] = LEXICAL_WEIGHT
+    return weights
+
+
+def save_weight(run_dir, kind: str, weight: float, chosen_on: str):
+    """Record one kind's chosen weight in the run's hybrid.json, keeping the other kind's."""
+    import json
+    from pathlib import Path
+
+    from fashion_search.files import atomic_write_json
+
+    path = Path(run_dir) / WEIGHTS_FILE
+    try:
+        chosen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        chosen = {}
+    atomic_write_json(path, {**(chosen if isinstance(chosen, dict) else {}),
+                             kind: {"lexical_weight": weight, "chosen_on": chosen_on}})
 
 
 def fuse(rankings: list[list[str]], weights: list[float], k: int = FUSION_K) -> list[tuple[str, float]]:

@@ -134,7 +134,8 @@ def test_every_python_example_runs(docs_app, monkeypatch):
 
 SCRIPTS = {"data_preparation.py": "data_preparation", "resnet.py": "resnet", "clip.py": "clip",
            "siamese.py": "siamese", "vae.py": "vae", "evaluation.py": "evaluation", "app.py": "app",
-           "catalog.py": "catalog_admin", "-m fashion_search.cli.composed": "composed"}
+           "catalog.py": "catalog_admin", "-m fashion_search.cli.composed": "composed",
+           "-m fashion_search.cli.hybrid": "hybrid"}
 
 
 def script_lines() -> list[list[str]]:
@@ -146,7 +147,7 @@ def script_lines() -> list[list[str]]:
         lines += [" ".join(command.split()) for command in inline]
     found = []
     for command in (part for line in lines for part in line.split("&&")):
-        command = command.replace("-m fashion_search.cli.composed", "'-m fashion_search.cli.composed'")
+        command = re.sub(r"-m (fashion_search\.cli\.\w+)", r"'-m \1'", command)  # one word, as SCRIPTS names it
         if not any(script in command for script in SCRIPTS):
             continue  # (a curl's JSON body, a benchmark)
         argv = shlex.split(command, comments=True)

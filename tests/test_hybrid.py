@@ -30,7 +30,7 @@ def test_hybrid_is_the_default_and_fuses_both_rankings(service):
     lexical_ids = [r["id"] for r in service.run(Query(query.parts, k=10, mode="lexical", collapse=False))]
     vector_ids = [r["id"] for r in service.run(Query(query.parts, k=10, mode="vector", collapse=False))]
     expected = [key for key, _ in lexical.fuse([[str(i) for i in vector_ids], [str(i) for i in lexical_ids]],
-                                                [1.0, service.lexical_weight])]
+                                                [1.0, service.lexical_weights["text"]])]
     assert [str(r["id"]) for r in hybrid][:3] == expected[:3]
 
 
@@ -78,16 +78,33 @@ def test_the_text_index_follows_the_catalogs_changes(live):
 
 def test_the_hybrid_protocol_chooses_a_weight_and_fits_confidence(clip_run, tmp_path, capsys):
     from fashion_search.cli import hybrid as command
-    from fashion_search.serving.hybrid import load_weight
+    from fashion_search.lexical import load_weights
 
     run = tmp_path / "run"
     shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("index"))
     report = command.main([str(run), "--queries", "20", "--device", "cpu"])
     assert report["lexical weight (chosen on val)"] in command.WEIGHTS
-    assert load_weight(run) == report["lexical weight (chosen on val)"]
+    assert load_weights(run)["text"] == report["lexical weight (chosen on val)"]
     for mode in ("vector", "lexical", "hybrid"):
         assert set(report["test"][mode]) == {*command.shoppers.TEMPLATES, "all"}
         assert 0 <= report["test"][mode]["all"]["precision@5"] <= report["test"][mode]["all"]["success@5"] <= 1
     kinds = json.loads((run / "calibration.json").read_text())["kinds"]
     assert {"text hybrid", "text lexical"} <= set(kinds)
     assert np.isfinite(report["names"]["hybrid"])
+
+
+def test_a_photo_with_words_fuses_with_the_composed_weight(service):
+    """A composed query ranks hybrid with the lexical weight chosen for composed queries, not the text one."""
+    key = service.catalog.store.items()[0][0]
+    parts = (Part("item", key), Part("text", "Red", 0.5))
+    saved = dict(service.lexical_weights)
+    try:
+        service.lexical_weights.update(text=8.0, composed=0.25)
+        fused = [str(r["id"]) for r in service.run(Query(parts, k=10, collapse=False))]
+        vector = [str(r["id"]) for r in service.run(Query(parts, k=100, collapse=False, mode="vector"))]
+        words = [str(r["id"]) for r in service.run(Query(parts, k=100, collapse=False, mode="lexical"))]
+        expected = [key for key, _ in lexical.fuse([vector, words], [1.0, 0.25])][:10]
+        assert fused == expected
+    finally:
+        service.lexical_weights.clear()
+        service.lexical_weights.update(saved)

@@ -244,11 +244,12 @@ def test_the_composed_protocol_runs_on_a_run_through_its_command(clip_run, tmp_p
     for split in ("val", "test"):
         forms = report[split]
         assert set(forms) == {"queries", "photo alone", "colour word alone", '"C2 T" text', "composed",
-                              "composed (combiner)"}
+                              "composed (combiner)", "composed (hybrid: and the colour word in the catalog's text)"}
         assert all(0 <= forms[name]["success@5"] <= forms[name]["type T share"] <= 1 for name in forms
                    if name != "queries")
     fitted = json.loads((run / "calibration.json").read_text())
-    assert set(fitted["kinds"]) == {"composed", "text"}
+    assert set(fitted["kinds"]) == {"composed", "composed hybrid", "text"}
+    assert report["hybrid lexical weight (chosen on val)"] in composed.HYBRID_WEIGHTS
     assert "composed (combiner)" in report["test"]
 
     from fashion_search import combiner

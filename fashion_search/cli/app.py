@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from fashion_search import calibration, combiner
+from fashion_search import calibration, combiner, lexical
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.photos import pool as photos
@@ -20,7 +20,6 @@ from fashion_search.runtime import add_device_arg, positive_int
 from fashion_search.serving.catalog import calibration_photos, catalog_from_dataset, catalog_from_run
 from fashion_search.backbones import CLIP_HUB_MODEL
 from fashion_search.serving.encoder import INT8_CALIBRATION_PHOTOS, Encoder
-from fashion_search.serving import hybrid
 from fashion_search.serving.front import Front, Server, Startup
 from fashion_search.serving.json_api import json_app
 from fashion_search.serving.page import page_app
@@ -110,7 +109,7 @@ def load_service(config: AppConfig, startup: Startup | None = None) -> tuple[Sea
         threading.Thread(target=catalog.words.current, daemon=True, name="text-index").start()
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", config.allow_private_urls,
                              calibration.load(run), config.min_confidence, combiner.load(run),
-                             hybrid.load_weight(run)), ""
+                             lexical.load_weights(run)), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {config.model} "
               f"zero-shot.")
     print(notice)

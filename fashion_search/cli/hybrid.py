@@ -2,7 +2,7 @@
 from val products choose the lexical ranking's weight in the fusion, those from test products are reported for the
 vector, lexical and hybrid rankings, per template; the product-name protocol (text -> image recall@10) for each;
 and the match confidence of hybrid and lexical text queries, fitted on val, goes into RUN/calibration.json. The
-chosen weight goes to RUN/hybrid.json, which the app reads.
+chosen weight goes to RUN/hybrid.json ("text"), which the app reads.
 
 Usage: python -m fashion_search.cli.hybrid RUN [--queries 400]   (installed: fashion-hybrid)
 """
@@ -19,11 +19,10 @@ import numpy as np
 from fashion_search import calibration, shoppers
 from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write_json
-from fashion_search.lexical import fuse
+from fashion_search.lexical import fuse, save_weight
 from fashion_search.metrics import search
 from fashion_search.runs import load_split
 from fashion_search.runtime import add_device_arg, positive_int
-from fashion_search.serving.hybrid import WEIGHT_FILE
 
 WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the lexical ranking's weight against the vector one's 1
 
@@ -115,7 +114,7 @@ def main(argv=None) -> dict:
     fitted = calibration.load(run)
     if fitted:
         atomic_write_json(run / calibration.FILE, {**fitted, "kinds": {**fitted.get("kinds", {}), **kinds}})
-    atomic_write_json(run / WEIGHT_FILE, {"lexical_weight": weight, "chosen_on": "val shopper queries"})
+    save_weight(run, "text", weight, "val shopper queries (python -m fashion_search.cli.hybrid)")
     print(json.dumps(report, indent=1))
     return report
 

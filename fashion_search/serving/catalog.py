@@ -16,6 +16,7 @@ from fashion_search.files import fingerprint, remembered_sha256
 from fashion_search.metrics import TOP_K
 from fashion_search.serving.query import check_page
 from fashion_search.photos.pool import decode_square
+from fashion_search.lexical import LEXICAL_WEIGHT
 from fashion_search.serving import gate, hybrid
 from fashion_search.serving.gate import item_id
 from fashion_search.runs import load_split, trained_data
@@ -131,7 +132,7 @@ class Catalog:
 
     def search_words(self, vector: np.ndarray, text: str, filters: dict | None = None, k: int = TOP_K,
                      offset: int = 0, collapse: bool = False, mode: str = "hybrid",
-                     lexical_weight: float = hybrid.LEXICAL_WEIGHT) -> list[dict]:
+                     lexical_weight: float = LEXICAL_WEIGHT) -> list[dict]:
         """Results offset to offset + k for a query with words: by the catalog's text alone (mode "lexical"), or
         fused with the vector ranking ("hybrid"); folded as search() folds."""
         check_page(k, offset)

@@ -12,26 +12,12 @@ import time
 
 import numpy as np
 
-from fashion_search.lexical import TextIndex, fuse
+from fashion_search.lexical import LEXICAL_WEIGHT, TextIndex, fuse
 from fashion_search.serving import duplicates
 from fashion_search.stores import SEARCH_DEPTH, Hit, filter_values
 
 FUSION_DEPTH = 100  # items read from each side for the first pages
-LEXICAL_WEIGHT = 1.0  # the lexical ranking's weight in the fusion, against 1 for the vector one (hybrid.json: val's)
-WEIGHT_FILE = "hybrid.json"  # beside a run: the lexical weight chosen on val (python -m fashion_search.cli.hybrid)
 REREAD_SECONDS = 60  # a store that cannot say when it changed (Milvus) has its words re-read at most this often
-
-
-def load_weight(run_dir) -> float:
-    """The run's lexical weight (hybrid.json), or LEXICAL_WEIGHT where it has none or it cannot be read."""
-    import json
-    from pathlib import Path
-
-    try:
-        weight = float(json.loads((Path(run_dir) / WEIGHT_FILE).read_text())["lexical_weight"])
-        return weight if 0 <= weight <= 100 else LEXICAL_WEIGHT
-    except (OSError, ValueError, KeyError, TypeError):
-        return LEXICAL_WEIGHT
 
 
 class Words:

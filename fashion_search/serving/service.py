@@ -17,7 +17,8 @@ from fashion_search.serving.encoder import Encoder
 from fashion_search.errors import QueryError
 from fashion_search.serving.fetch import TOTAL_TIMEOUT, Deadline, fetch_url
 from fashion_search.photos.pool import open_rgb
-from fashion_search.serving import gate, hybrid
+from fashion_search.lexical import LEXICAL_WEIGHT, QUERY_KINDS
+from fashion_search.serving import gate
 from fashion_search.serving.query import MAX_K, Part, Query, from_text, parse_mode
 
 # A result whose calibrated confidence is below this is not a close match (app.py --min-confidence).
@@ -53,9 +54,10 @@ class SearchService:
 
     def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False,
                  calibration: dict | None = None, min_confidence: float = MIN_CONFIDENCE, combiner=None,
-                 lexical_weight: float = hybrid.LEXICAL_WEIGHT):
+                 lexical_weights: dict | None = None):
         self.encoder, self.catalog, self.model_name = encoder, catalog, model_name
-        self.lexical_weight = lexical_weight  # the catalog's words against the embedding in hybrid rankings
+        # the catalog's words against the embedding in hybrid rankings, per kind of query (lexical.load_weights)
+        self.lexical_weights = lexical_weights or {kind: LEXICAL_WEIGHT for kind in QUERY_KINDS}
         self.combiner = combiner  # fashion_search.combiner.Combiner, for "this photo + words"
         self.allow_private_urls = allow_private_urls
         self.calibration, self.min_confidence = calibration, min_confidence
@@ -135,7 +137,8 @@ class SearchService:
         vector = self.query_vector(query)
         if query.ranking == "hybrid":
             results = self.catalog.search_words(vector, query.words, query.filters, query.k, query.offset,
-                                                query.collapse, "hybrid", self.lexical_weight)
+                                                query.collapse, "hybrid",
+                                                self.lexical_weights["text" if text_only else "composed"])
             return self.confident(results, query.kind)
         return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse)
 
