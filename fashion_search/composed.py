@@ -212,14 +212,13 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
 
 
 HYBRID_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
-HYBRID_DEPTH = 100  # each side of the fusion, as the app reads them (serving.hybrid.FUSION_DEPTH)
 
 
 def hybrid_form(by_split, train, train_meta, composed_vectors, model) -> dict:
     """The composed query ranked as the app's hybrid mode ranks it: the composed vector's ranking fused with the BM25
     ranking of the colour word over the train split's text, the lexical weight chosen on val. Per split: its figures
     and the (score, match) pairs of its top 5; and the weight."""
-    from fashion_search.lexical import fuse
+    from fashion_search.lexical import FUSION_DEPTH, fuse
     from fashion_search.shoppers import gallery_index
 
     index = gallery_index(train_meta)
@@ -228,11 +227,11 @@ def hybrid_form(by_split, train, train_meta, composed_vectors, model) -> dict:
     def ranked(split, weight):
         queries, parts = by_split[split]
         _, semantic = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train,
-                             HYBRID_DEPTH)
+                             FUSION_DEPTH)
         tops = []
         for (_, _, colour), vector_side in zip(queries, semantic):
             if colour not in lexical:
-                lexical[colour] = [key for key, _ in index.search(word(colour), HYBRID_DEPTH)]
+                lexical[colour] = [key for key, _ in index.search(word(colour), FUSION_DEPTH)]
             tops.append(fuse([[str(i) for i in vector_side if i >= 0], lexical[colour]], [1.0, weight])[:TOP_K])
         return tops
 

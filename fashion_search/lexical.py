@@ -21,6 +21,7 @@ STOP_WORDS = frozenset("a an and for in of on or the to with by at from".split()
 JOINED = re.compile(r"\b(t)[\s-]+(shirts?)\b")
 TOKEN = re.compile(r"\w{2,}")
 FUSION_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): 1 / (FUSION_K + rank)
+FUSION_DEPTH = 100  # each ranking is read this deep before a fusion (deeper for later pages of the app)
 LEXICAL_WEIGHT = 1.0  # the lexical ranking's weight in a fusion, against 1 for the vector one, where none was chosen
 # Beside a run: the lexical weight chosen on val for each kind of query with words, "text" (python -m
 # fashion_search.cli.hybrid) and "composed" (python -m fashion_search.cli.composed); the app reads it.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fashion_search.lexical import TextIndex, fuse
+from fashion_search.lexical import FUSION_DEPTH, TextIndex, fuse
 from fashion_search.metrics import search
 
 TEMPLATES = ("type", "colour + type", "colour + type + gender", "brand + type")
@@ -19,7 +19,6 @@ PLURAL_ONLY = {"jeans", "shorts", "trousers", "leggings", "sunglasses", "pants",
                "trunk", "tights", "jeggings", "flip flops", "churidar", "salwar", "patiala", "stockings", "lounge pants",
                "track pants", "innerwear vests", "rain trousers", "swimwear", "nightdress", "headband"}
 GENDER_WORDS = {"Men": "for men", "Women": "for women", "Boys": "for boys", "Girls": "for girls", "Unisex": "unisex"}
-DEPTH = 100  # each ranking is read this deep before fusion (the app's FUSION_DEPTH)
 
 
 def type_words(article: str, rng) -> str:
@@ -96,13 +95,13 @@ def figures(rankings: list[np.ndarray], relevance: list[np.ndarray]) -> dict:
 
 def rankings(queries: list[dict], text_vectors: np.ndarray, gallery: np.ndarray, index: TextIndex,
              lexical_weight: float) -> dict[str, list[np.ndarray]]:
-    """Each mode's ranking (gallery places, best first, DEPTH deep) of every query."""
-    _, vector = search(text_vectors, gallery, DEPTH)
+    """Each mode's ranking (gallery places, best first, FUSION_DEPTH deep) of every query."""
+    _, vector = search(text_vectors, gallery, FUSION_DEPTH)
     place = {key: i for i, key in enumerate(index.keys)}
-    lexical = [np.asarray([place[key] for key, _ in index.search(q["text"], DEPTH)], dtype=np.int64)
+    lexical = [np.asarray([place[key] for key, _ in index.search(q["text"], FUSION_DEPTH)], dtype=np.int64)
                for q in queries]
     hybrid = [np.asarray([int(key) for key, _ in fuse([[str(i) for i in v], [str(i) for i in w]],
-                                                       [1.0, lexical_weight])[:DEPTH]], dtype=np.int64)
+                                                       [1.0, lexical_weight])[:FUSION_DEPTH]], dtype=np.int64)
               for v, w in zip(vector, lexical)]
     return {"vector": [v[v >= 0] for v in vector], "lexical": lexical, "hybrid": hybrid}
 

@@ -19,7 +19,7 @@ import numpy as np
 from fashion_search import calibration, shoppers
 from fashion_search.errors import UserError, cli
 from fashion_search.files import atomic_write_json
-from fashion_search.lexical import fuse, save_weight
+from fashion_search.lexical import FUSION_DEPTH, fuse, save_weight
 from fashion_search.metrics import search
 from fashion_search.runs import load_split
 from fashion_search.runtime import add_device_arg, positive_int
@@ -54,9 +54,9 @@ def name_protocol(run: Path, test, test_meta, weight: float) -> dict:
     ranking. The lexical side reads every column but the names (else it finds each name trivially)."""
     names = np.load(run / "embeddings" / "text_test.npy")
     index = shoppers.gallery_index(test_meta, without=("productDisplayName",))
-    _, vector = search(names, test, shoppers.DEPTH)
+    _, vector = search(names, test, FUSION_DEPTH)
     own = np.arange(len(test_meta))
-    lexical = [[int(key) for key, _ in index.search(name, shoppers.DEPTH)] for name in test_meta["productDisplayName"]]
+    lexical = [[int(key) for key, _ in index.search(name, FUSION_DEPTH)] for name in test_meta["productDisplayName"]]
     hybrid = [[int(key) for key, _ in fuse([[str(i) for i in v], [str(i) for i in w]], [1.0, weight])]
               for v, w in zip(vector, lexical)]
     recall = {mode: round(float(np.mean([i in list(r)[:10] for i, r in zip(own, lists)])), 4)
@@ -66,10 +66,10 @@ def name_protocol(run: Path, test, test_meta, weight: float) -> dict:
 
 def fused_pairs(queries, vectors, gallery, gallery_meta, index, weight, mode) -> tuple[np.ndarray, np.ndarray]:
     """(scores, matches) of every query's top 5 in one ranking: what its confidence is fitted on."""
-    _, ranked = search(vectors, gallery, shoppers.DEPTH)
+    _, ranked = search(vectors, gallery, FUSION_DEPTH)
     scores, matches = [], []
     for query, semantic in zip(queries, ranked):
-        lexical = [key for key, _ in index.search(query["text"], shoppers.DEPTH)]
+        lexical = [key for key, _ in index.search(query["text"], FUSION_DEPTH)]
         if mode == "hybrid":
             top = fuse([[str(i) for i in semantic], lexical], [1.0, weight])[:5]
         else:

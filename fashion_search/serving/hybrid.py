@@ -4,7 +4,8 @@ ranking with the vector one for queries with words (mode "hybrid"; "lexical" and
 
 Both rankings are read FUSION_DEPTH deep (deeper for later pages), with the query's filters applied inside each;
 reciprocal rank fusion orders the union; near-duplicates fold over the fused order as over a vector ranking. A fused
-result's score is its fusion score, on a scale of its own (the run's "hybrid" calibration maps it to a confidence)."""
+result's score is its fusion score, on a scale of its own (the run's "text hybrid" and "composed hybrid" calibrations
+map it to a confidence)."""
 from __future__ import annotations
 
 import threading
@@ -12,11 +13,10 @@ import time
 
 import numpy as np
 
-from fashion_search.lexical import LEXICAL_WEIGHT, TextIndex, fuse
+from fashion_search.lexical import FUSION_DEPTH, LEXICAL_WEIGHT, TextIndex, fuse
 from fashion_search.serving import duplicates
 from fashion_search.stores import SEARCH_DEPTH, Hit, filter_values
 
-FUSION_DEPTH = 100  # items read from each side for the first pages
 REREAD_SECONDS = 60  # a store that cannot say when it changed (Milvus) has its words re-read at most this often
 
 
