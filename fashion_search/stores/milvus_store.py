@@ -208,45 +208,33 @@ class MilvusStore:
             return None
         return np.asarray(rows[0]["vector"], dtype=np.float32), public(rows[0]["record"])
 
+    def _scan(self, fields: list[str]):
+        """Every row of the collection with these fields, batch by batch (the whole collection, read once)."""
+        iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="", output_fields=fields)
+        try:
+            while batch := iterator.next():
+                yield from batch
+        finally:
+            iterator.close()
+
     def values(self) -> dict[str, list[str]]:
         """Read through the whole collection once (the filters' choices, at start)."""
         seen: dict[str, set] = {column: set() for column in FILTER_COLUMNS}
-        iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="",
-                                              output_fields=["record"])
-        try:
-            while batch := iterator.next():
-                for row in batch:
-                    for column, value in filter_values(public(row["record"])).items():
-                        seen.setdefault(column, set()).add(value)
-        finally:
-            iterator.close()
+        for row in self._scan(["record"]):
+            for column, value in filter_values(public(row["record"])).items():
+                seen.setdefault(column, set()).add(value)
         return {column: sorted(values - {""}) for column, values in seen.items()}
 
     def items(self) -> tuple[list[str], np.ndarray]:
         """Every item's key and vector (float32 [N, dim]), read through the whole collection."""
-        keys, vectors = [], []
-        iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="",
-                                              output_fields=["key", "vector"])
-        try:
-            while batch := iterator.next():
-                keys += [row["key"] for row in batch]
-                vectors += [row["vector"] for row in batch]
-        finally:
-            iterator.close()
-        return keys, np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
+        rows = list(self._scan(["key", "vector"]))
+        vectors = np.asarray([row["vector"] for row in rows], dtype=np.float32).reshape(len(rows), self.dim)
+        return [row["key"] for row in rows], vectors
 
     def records(self) -> tuple[list[str], list[dict]]:
         """Every item's key and record, read through the whole collection."""
-        keys, records = [], []
-        iterator = self.client.query_iterator(self.collection, batch_size=10_000, filter="",
-                                              output_fields=["key", "record"])
-        try:
-            while batch := iterator.next():
-                keys += [row["key"] for row in batch]
-                records += [public(row["record"]) for row in batch]
-        finally:
-            iterator.close()
-        return keys, records
+        rows = list(self._scan(["key", "record"]))
+        return [row["key"] for row in rows], [public(row["record"]) for row in rows]
 
     def refresh(self) -> bool:
         return False  # every search asks the server, at the store's consistency level
