@@ -23,7 +23,7 @@ from fashion_search.files import atomic_write
 from fashion_search.runtime import add_device_arg
 from fashion_search.serving.catalog import catalog_from_run, dataset_image_bytes, embed_dataset, item_records
 from fashion_search.serving.duplicates import DUPLICATE_COSINE, catalog_groups
-from fashion_search.serving.encoder import Encoder
+from fashion_search.serving.encoder import run_encoder
 from fashion_search.errors import QueryError
 from fashion_search.serving.gate import item_id
 from fashion_search.stores import OtherCatalog
@@ -129,9 +129,7 @@ def open_catalog(run: Path, encoder, dataset: str | None, cache_dir: str, index:
 def main(argv=None):
     config = parse_config(argv)
     run = Path(config.run)
-    if not (run / "hf_model" / "config.json").exists():
-        raise UserError(f"{run} is not a clip.py run (no hf_model/config.json)")
-    encoder = Encoder(str(run / "hf_model"), config.device, int8=False)
+    encoder = run_encoder(run, config.device)
     catalog = open_catalog(run, encoder, config.dataset, config.cache_dir, config.index)
     if config.command == "add":
         add(catalog, encoder, config.items, config.cache_dir)

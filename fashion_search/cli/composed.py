@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from fashion_search.composed import MIN_TARGETS, run_protocol
-from fashion_search.errors import UserError, cli
+from fashion_search.errors import cli
 from fashion_search.runtime import add_device_arg, positive_int
 
 
@@ -38,15 +37,10 @@ def parse_config(argv=None) -> ComposedConfig:
 
 
 def main(argv=None) -> dict:
-    from fashion_search.serving.encoder import Encoder
+    from fashion_search.serving.encoder import run_encoder
 
     config = parse_config(argv)
-    model = Path(config.run) / "hf_model"
-    if not (model / "config.json").exists():
-        raise UserError(f"{config.run} is not a clip.py run (no hf_model/config.json)")
-    encoder = Encoder(str(model), config.device, int8=False)
-    if not encoder.text_search:
-        raise UserError(encoder.text_search_why)
+    encoder = run_encoder(config.run, config.device, text=True)
     report = run_protocol(config.run, encoder.embed_text, config.combiner, config.combiner_epochs,
                           config.min_targets)
     print(json.dumps(report, indent=1))

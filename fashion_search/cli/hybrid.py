@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fashion_search import calibration, shoppers
-from fashion_search.errors import UserError, cli
+from fashion_search.errors import cli
 from fashion_search.files import atomic_write_json
 from fashion_search.lexical import FUSION_DEPTH, fuse, save_weight
 from fashion_search.metrics import search
@@ -81,15 +81,11 @@ def fused_pairs(queries, vectors, gallery, gallery_meta, index, weight, mode) ->
 
 
 def main(argv=None) -> dict:
-    from fashion_search.serving.encoder import Encoder
+    from fashion_search.serving.encoder import run_encoder
 
     config = parse_config(argv)
     run = Path(config.run)
-    if not (run / "hf_model" / "config.json").exists():
-        raise UserError(f"{run} is not a clip.py run (no hf_model/config.json)")
-    encoder = Encoder(str(run / "hf_model"), config.device, int8=False)
-    if not encoder.text_search:
-        raise UserError(encoder.text_search_why)
+    encoder = run_encoder(run, config.device, text=True)
     (gallery, gallery_meta), (_, val_meta), (test, test_meta) = (load_split(run, s) for s in ("train", "val", "test"))
     started = time.perf_counter()
     index = shoppers.gallery_index(gallery_meta)

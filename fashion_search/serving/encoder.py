@@ -14,7 +14,7 @@ from fashion_search.serving.gate import MAX_BATCH
 from fashion_search.inference import embed_images
 from fashion_search.runtime import autocast_dtype, resolve_device
 from fashion_search.serving.batching import MAX_PENDING, MicroBatcher
-from fashion_search.errors import QueryError
+from fashion_search.errors import QueryError, UserError
 from fashion_search.files import read_json
 
 
@@ -57,6 +57,18 @@ def text_tower_usable(model_path: str) -> tuple[bool, str]:
     if record.get("usable", True):
         return True, ""
     return False, record.get("why") or "this model's text tower was not trained (train clip.py with --text-loss-weight > 0)"
+
+
+def run_encoder(run_dir, device: str, text: bool = False) -> "Encoder":
+    """The model of a clip.py run for a command (catalog.py, the protocols): int8 off, as bulk jobs embed. UserError
+    where the folder is not such a run or, with ``text``, its text tower cannot search."""
+    model = Path(run_dir) / "hf_model"
+    if not (model / "config.json").exists():
+        raise UserError(f"{run_dir} is not a clip.py run (no hf_model/config.json)")
+    encoder = Encoder(str(model), device, int8=False)
+    if text and not encoder.text_search:
+        raise UserError(encoder.text_search_why)
+    return encoder
 
 
 class Encoder:
