@@ -63,6 +63,16 @@ def for_kind(calibration: dict | None, kind: str) -> dict | None:
     return fitted if fitted and fitted.get("scores") else None
 
 
+def save_kinds(run_dir, kinds: dict):
+    """Add (or replace) these kinds' maps in the run's calibration.json, keeping the photo map and the other kinds;
+    nothing where the run has no calibration."""
+    from fashion_search.files import atomic_write_json
+
+    fitted = load(run_dir)
+    if fitted:
+        atomic_write_json(Path(run_dir) / FILE, {**fitted, "kinds": {**fitted.get("kinds", {}), **kinds}})
+
+
 def load(run_dir) -> dict | None:
     """The run's calibration, or None where it has none (runs made before it existed, a zero-shot model)."""
     path = Path(run_dir) / FILE

@@ -20,7 +20,6 @@ import numpy as np
 
 from fashion_search import calibration
 from fashion_search import combiner as combiners
-from fashion_search.files import atomic_write_json
 from fashion_search.lexical import save_weight
 from fashion_search.metrics import TOP_K, search
 
@@ -57,14 +56,19 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
-def success(indices: np.ndarray, gallery_meta, queries) -> tuple[float, float]:
-    """(success@5: share of the top TOP_K with type T and colour C2, share with type T) over the queries."""
+def matches(indices: np.ndarray, gallery_meta, queries) -> tuple[np.ndarray, np.ndarray]:
+    """(type T in colour C2, type T) of each result, bool [Q, k] (a place < 0, no result, is neither)."""
+    found = indices >= 0
     types = gallery_meta["articleType"].to_numpy()[indices]
     colours = gallery_meta["baseColour"].to_numpy()[indices]
-    wanted_type = np.asarray([article for _, article, _ in queries])[:, None]
-    wanted_colour = np.asarray([colour for _, _, colour in queries])[:, None]
-    same_type = types == wanted_type
-    return float((same_type & (colours == wanted_colour)).mean()), float(same_type.mean())
+    same_type = found & (types == np.asarray([article for _, article, _ in queries])[:, None])
+    return same_type & (colours == np.asarray([colour for _, _, colour in queries])[:, None]), same_type
+
+
+def success(indices: np.ndarray, gallery_meta, queries) -> tuple[float, float]:
+    """(success@5: share of the top TOP_K with type T and colour C2, share with type T) over the queries."""
+    hit, same_type = matches(indices, gallery_meta, queries)
+    return float(hit.mean()), float(same_type.mean())
 
 
 def protocol_vectors(queries, photos: np.ndarray, embed_text) -> dict[str, np.ndarray]:
@@ -184,10 +188,7 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
     def pairs(split):
         queries, parts = by_split[split]
         scores, indices = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train, TOP_K)
-        types = train_meta["articleType"].to_numpy()[indices]
-        colours = train_meta["baseColour"].to_numpy()[indices]
-        wanted = np.asarray([[article, colour] for _, article, colour in queries])
-        return scores.ravel(), ((types == wanted[:, :1]) & (colours == wanted[:, 1:])).ravel()
+        return scores.ravel(), matches(indices, train_meta, queries)[0].ravel()
     kinds["composed"] = calibration.fit(*pairs("val"))
     kinds["composed"]["fitted_on"] = ("top-5 results of the val split's composed queries (photo + colour word, "
                                       f"{'the combiner' if model else f'weight {weight}'}) against the train split; a "
@@ -205,9 +206,7 @@ def run_protocol(run_dir, embed_text, train_combiner: bool = True, combiner_epoc
         kinds["text"]["fitted_on"] = ("top-5 results of the val split's product names (text queries) against the "
                                       "train split's photos; a match shares the named product's article type")
         report["text reliability on test"] = calibration.reliability(kinds["text"], *text_pairs["test"])
-    fitted = calibration.load(run_dir)
-    if fitted:  # the kinds other commands fitted (the hybrid text ones) stay
-        atomic_write_json(run_dir / calibration.FILE, {**fitted, "kinds": {**fitted.get("kinds", {}), **kinds}})
+    calibration.save_kinds(run_dir, kinds)  # the kinds other commands fitted (the hybrid text ones) stay
     return report
 
 
@@ -218,35 +217,26 @@ def hybrid_form(by_split, train, train_meta, composed_vectors, model) -> dict:
     """The composed query ranked as the app's hybrid mode ranks it: the composed vector's ranking fused with the BM25
     ranking of the colour word over the train split's text, the lexical weight chosen on val. Per split: its figures
     and the (score, match) pairs of its top 5; and the weight."""
-    from fashion_search.lexical import FUSION_DEPTH, fuse
-    from fashion_search.shoppers import gallery_index
+    from fashion_search.lexical import FUSION_DEPTH
+    from fashion_search.shoppers import fuse_places, gallery_index
 
     index = gallery_index(train_meta)
-    lexical = {}
+    lexical = {colour: np.asarray([int(key) for key, _ in index.search(word(colour), FUSION_DEPTH)], dtype=np.int64)
+               for colour in {colour for queries, _ in by_split.values() for _, _, colour in queries}}
+    semantic = {split: search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train,
+                              FUSION_DEPTH)[1] for split, (_, parts) in by_split.items()}  # once, for every weight
 
     def ranked(split, weight):
-        queries, parts = by_split[split]
-        _, semantic = search(np.ascontiguousarray(composed_vectors(parts, model), dtype=np.float32), train,
-                             FUSION_DEPTH)
-        tops = []
-        for (_, _, colour), vector_side in zip(queries, semantic):
-            if colour not in lexical:
-                lexical[colour] = [key for key, _ in index.search(word(colour), FUSION_DEPTH)]
-            tops.append(fuse([[str(i) for i in vector_side if i >= 0], lexical[colour]], [1.0, weight])[:TOP_K])
-        return tops
-
-    def figures_of(split, tops):
         queries = by_split[split][0]
-        indices = np.asarray([[int(key) for key, _ in top] + [-1] * (TOP_K - len(top)) for top in tops])
-        hit, same_type = success(indices, train_meta, queries)
-        wanted = np.asarray([[article, colour] for _, article, colour in queries])
-        types = train_meta["articleType"].to_numpy()[indices]
-        colours = train_meta["baseColour"].to_numpy()[indices]
-        matches = ((types == wanted[:, :1]) & (colours == wanted[:, 1:]) & (indices >= 0)).ravel()
-        scores = np.asarray([[score for _, score in top] + [0.0] * (TOP_K - len(top)) for top in tops]).ravel()
-        return {"figures": {"success@5": round(hit, 4), "type T share": round(same_type, 4)},
-                "pairs": (scores[indices.ravel() >= 0], matches[indices.ravel() >= 0])}
+        tops = [fuse_places(vector, lexical[colour], weight)[:TOP_K]
+                for (_, _, colour), vector in zip(queries, semantic[split])]
+        indices = np.asarray([[place for place, _ in top] + [-1] * (TOP_K - len(top)) for top in tops])
+        scores = np.asarray([[score for _, score in top] + [0.0] * (TOP_K - len(top)) for top in tops])
+        hit, same_type = matches(indices, train_meta, queries)
+        found = indices >= 0
+        figures = {"success@5": round(float(hit.mean()), 4), "type T share": round(float(same_type.mean()), 4)}
+        return {"figures": figures, "pairs": (scores[found], hit[found])}
 
-    on_val = {w: figures_of("val", ranked("val", w)) for w in HYBRID_WEIGHTS}
+    on_val = {w: ranked("val", w) for w in HYBRID_WEIGHTS}
     weight = max(HYBRID_WEIGHTS, key=lambda w: on_val[w]["figures"]["success@5"])
-    return {"weight": weight, "val": on_val[weight], "test": figures_of("test", ranked("test", weight))}
+    return {"weight": weight, "val": on_val[weight], "test": ranked("test", weight)}

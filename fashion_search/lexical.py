@@ -120,6 +120,11 @@ def save_weight(run_dir, kind: str, weight: float, chosen_on: str):
                              kind: {"lexical_weight": weight, "chosen_on": chosen_on}})
 
 
+def rank_scores(keys: list[str]) -> list[tuple[str, float]]:
+    """A lexical ranking's results as the app scores them: 1 / rank (its confidence map is fitted on these)."""
+    return [(key, 1.0 / (rank + 1)) for rank, key in enumerate(keys)]
+
+
 def fuse(rankings: list[list[str]], weights: list[float], k: int = FUSION_K) -> list[tuple[str, float]]:
     """Reciprocal rank fusion: each key scores sum(weight / (k + rank)) over the rankings it is in (rank from 1);
     best first, ties by first appearance."""

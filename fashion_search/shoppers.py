@@ -16,8 +16,8 @@ from fashion_search.metrics import search
 
 TEMPLATES = ("type", "colour + type", "colour + type + gender", "brand + type")
 PLURAL_ONLY = {"jeans", "shorts", "trousers", "leggings", "sunglasses", "pants", "capris", "briefs", "boxers",
-               "trunk", "tights", "jeggings", "flip flops", "churidar", "salwar", "patiala", "stockings", "lounge pants",
-               "track pants", "innerwear vests", "rain trousers", "swimwear", "nightdress", "headband"}
+               "trunk", "tights", "jeggings", "flip flops", "churidar", "salwar", "patiala", "stockings",
+               "lounge pants", "track pants", "innerwear vests", "rain trousers", "swimwear", "nightdress", "headband"}
 GENDER_WORDS = {"Men": "for men", "Women": "for women", "Boys": "for boys", "Girls": "for girls", "Unisex": "unisex"}
 
 
@@ -93,27 +93,31 @@ def figures(rankings: list[np.ndarray], relevance: list[np.ndarray]) -> dict:
             "success@5": round(float(np.mean(success)), 4), "queries": len(rankings)}
 
 
-def rankings(queries: list[dict], text_vectors: np.ndarray, gallery: np.ndarray, index: TextIndex,
-             lexical_weight: float) -> dict[str, list[np.ndarray]]:
-    """Each mode's ranking (gallery places, best first, FUSION_DEPTH deep) of every query."""
+def fuse_places(vector: np.ndarray, lexical: np.ndarray, lexical_weight: float) -> list[tuple[int, float]]:
+    """Two rankings of gallery places fused as the app fuses them: (place, fusion score), best first."""
+    fused = fuse([[str(i) for i in vector if i >= 0], [str(i) for i in lexical]], [1.0, lexical_weight])
+    return [(int(key), score) for key, score in fused[:FUSION_DEPTH]]
+
+
+def prepare(queries: list[dict], text_vectors: np.ndarray, gallery: np.ndarray, gallery_meta: pd.DataFrame,
+            index: TextIndex) -> dict:
+    """What every weight's figures share, computed once: each query's vector and lexical rankings (gallery places,
+    best first, FUSION_DEPTH deep) and which gallery items are relevant to it."""
     _, vector = search(text_vectors, gallery, FUSION_DEPTH)
     place = {key: i for i, key in enumerate(index.keys)}
     lexical = [np.asarray([place[key] for key, _ in index.search(q["text"], FUSION_DEPTH)], dtype=np.int64)
                for q in queries]
-    hybrid = [np.asarray([int(key) for key, _ in fuse([[str(i) for i in v], [str(i) for i in w]],
-                                                       [1.0, lexical_weight])[:FUSION_DEPTH]], dtype=np.int64)
-              for v, w in zip(vector, lexical)]
-    return {"vector": [v[v >= 0] for v in vector], "lexical": lexical, "hybrid": hybrid}
+    return {"queries": queries, "vector": [v[v >= 0] for v in vector], "lexical": lexical,
+            "relevance": [relevant(q["attributes"], gallery_meta) for q in queries]}
 
 
-def protocol(queries: list[dict], text_vectors: np.ndarray, gallery: np.ndarray, gallery_meta: pd.DataFrame,
-             lexical_weight: float, index: TextIndex | None = None) -> dict:
+def protocol(prepared: dict, lexical_weight: float) -> dict:
     """Each mode's figures on each template and on all queries together."""
-    index = index or gallery_index(gallery_meta)
-    ranked = rankings(queries, text_vectors, gallery, index, lexical_weight)
-    relevance = [relevant(q["attributes"], gallery_meta) for q in queries]
+    queries, relevance = prepared["queries"], prepared["relevance"]
+    hybrid = [np.asarray([p for p, _ in fuse_places(v, w, lexical_weight)], dtype=np.int64)
+              for v, w in zip(prepared["vector"], prepared["lexical"])]
     report = {}
-    for mode, lists in ranked.items():
+    for mode, lists in (("vector", prepared["vector"]), ("lexical", prepared["lexical"]), ("hybrid", hybrid)):
         report[mode] = {template: figures([r for r, q in zip(lists, queries) if q["template"] == template],
                                           [r for r, q in zip(relevance, queries) if q["template"] == template])
                         for template in TEMPLATES}

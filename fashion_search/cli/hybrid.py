@@ -18,8 +18,7 @@ import numpy as np
 
 from fashion_search import calibration, shoppers
 from fashion_search.errors import cli
-from fashion_search.files import atomic_write_json
-from fashion_search.lexical import FUSION_DEPTH, fuse, save_weight
+from fashion_search.lexical import FUSION_DEPTH, rank_scores, save_weight
 from fashion_search.metrics import search
 from fashion_search.runs import load_split
 from fashion_search.runtime import add_device_arg, positive_int
@@ -55,28 +54,21 @@ def name_protocol(run: Path, test, test_meta, weight: float) -> dict:
     names = np.load(run / "embeddings" / "text_test.npy")
     index = shoppers.gallery_index(test_meta, without=("productDisplayName",))
     _, vector = search(names, test, FUSION_DEPTH)
-    own = np.arange(len(test_meta))
     lexical = [[int(key) for key, _ in index.search(name, FUSION_DEPTH)] for name in test_meta["productDisplayName"]]
-    hybrid = [[int(key) for key, _ in fuse([[str(i) for i in v], [str(i) for i in w]], [1.0, weight])]
-              for v, w in zip(vector, lexical)]
-    recall = {mode: round(float(np.mean([i in list(r)[:10] for i, r in zip(own, lists)])), 4)
+    hybrid = [[place for place, _ in shoppers.fuse_places(v, w, weight)] for v, w in zip(vector, lexical)]
+    recall = {mode: round(float(np.mean([own in list(ranking)[:10] for own, ranking in enumerate(lists)])), 4)
               for mode, lists in (("vector", vector), ("lexical", lexical), ("hybrid", hybrid))}
     return {"protocol": "test product names -> test photos (own photo), recall@10", **recall}
 
 
-def fused_pairs(queries, vectors, gallery, gallery_meta, index, weight, mode) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, matches) of every query's top 5 in one ranking: what its confidence is fitted on."""
-    _, ranked = search(vectors, gallery, FUSION_DEPTH)
+def top5_pairs(prepared: dict, weight: float, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, matches) of every query's top 5 in one ranking, scored as the app scores it: what its confidence is
+    fitted on."""
     scores, matches = [], []
-    for query, semantic in zip(queries, ranked):
-        lexical = [key for key, _ in index.search(query["text"], FUSION_DEPTH)]
-        if mode == "hybrid":
-            top = fuse([[str(i) for i in semantic], lexical], [1.0, weight])[:5]
-        else:
-            top = [(key, 1.0 / (rank + 1)) for rank, key in enumerate(lexical[:5])]
-        rel = shoppers.relevant(query["attributes"], gallery_meta)
+    for vector, lexical, rel in zip(prepared["vector"], prepared["lexical"], prepared["relevance"]):
+        top = shoppers.fuse_places(vector, lexical, weight)[:5] if mode == "hybrid" else rank_scores(lexical[:5])
         scores += [score for _, score in top]
-        matches += [bool(rel[int(key)]) for key, _ in top]
+        matches += [bool(rel[int(place)]) for place, _ in top]
     return np.asarray(scores), np.asarray(matches)
 
 
@@ -94,22 +86,18 @@ def main(argv=None) -> dict:
     test_queries = shoppers.make_queries(test_meta, config.queries, config.seed + 1)
     val_vectors = embed_texts(encoder, [q["text"] for q in val_queries])
     test_vectors = embed_texts(encoder, [q["text"] for q in test_queries])
-    on_val = {w: shoppers.protocol(val_queries, val_vectors, gallery, gallery_meta, w, index)["hybrid"]["all"]
-              for w in WEIGHTS}
+    val = shoppers.prepare(val_queries, val_vectors, gallery, gallery_meta, index)
+    on_val = {w: shoppers.protocol(val, w)["hybrid"]["all"] for w in WEIGHTS}
     weight = max(WEIGHTS, key=lambda w: (on_val[w]["precision@5"], on_val[w]["success@5"]))
+    test_prepared = shoppers.prepare(test_queries, test_vectors, gallery, gallery_meta, index)
     report = {"lexical weight (chosen on val)": weight,
               "val, hybrid by weight": {str(w): figures for w, figures in on_val.items()},
-              "test": shoppers.protocol(test_queries, test_vectors, gallery, gallery_meta, weight, index),
+              "test": shoppers.protocol(test_prepared, weight),
               "names": name_protocol(run, test, test_meta, weight),
               "text index": {"items": len(index), "build seconds": round(index_seconds, 2)},
               "examples": [q["text"] for q in test_queries[::max(1, len(test_queries) // 12)]]}
-    kinds = {}
-    for mode in ("hybrid", "lexical"):
-        kinds[f"text {mode}"] = calibration.fit(*fused_pairs(val_queries, val_vectors, gallery, gallery_meta, index,
-                                                             weight, mode))
-    fitted = calibration.load(run)
-    if fitted:
-        atomic_write_json(run / calibration.FILE, {**fitted, "kinds": {**fitted.get("kinds", {}), **kinds}})
+    calibration.save_kinds(run, {f"text {mode}": calibration.fit(*top5_pairs(val, weight, mode))
+                                 for mode in ("hybrid", "lexical")})
     save_weight(run, "text", weight, "val shopper queries (python -m fashion_search.cli.hybrid)")
     print(json.dumps(report, indent=1))
     return report

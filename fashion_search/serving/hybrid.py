@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from fashion_search.lexical import FUSION_DEPTH, LEXICAL_WEIGHT, TextIndex, fuse
+from fashion_search.lexical import FUSION_DEPTH, LEXICAL_WEIGHT, TextIndex, fuse, rank_scores
 from fashion_search.serving import duplicates
 from fashion_search.stores import SEARCH_DEPTH, Hit, filter_values
 
@@ -76,7 +76,7 @@ def search(store, words: Words, vector: np.ndarray, text: str, filters: dict, k:
     depth = min(SEARCH_DEPTH, max(FUSION_DEPTH, 2 * (offset + k)))
     lexical = words.search(text, filters, depth)
     if mode == "lexical":
-        fused = [(key, 1.0 / (rank + 1)) for rank, key in enumerate(lexical)]
+        fused = rank_scores(lexical)
     else:
         semantic = [hit.key for hit in store.search(vector, depth, filters)]
         fused = fuse([semantic, lexical], [1.0, lexical_weight])
