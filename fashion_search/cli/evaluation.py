@@ -152,19 +152,17 @@ def write_report(path, config: Comparison, rows: dict, pixels: dict | None):
     for run in config.runs:
         name = Path(run).name
         (queries, query_meta), (gallery, gallery_meta) = load_split(run, splits[0]), load_split(run, splits[1])
-        if calibration.load(run):
-            fitted[name] = calibration.load(run)
+        if (run_calibration := calibration.load(run)) is not None:
+            fitted[name] = run_calibration
         rankings.append(report.rank(name, queries, query_meta, gallery, gallery_meta, fitted.get(name)))
         names = Path(run) / "embeddings" / f"text_{splits[0]}.npy"
         if names.exists():
             text_runs[name] = (np.load(names), query_meta, gallery, gallery_meta)
     best = max(rankings, key=lambda ranking: rows[ranking.name]["precision@5"])
     baseline = None
-    if pixels is not None:
-        _, first_query = load_split(config.runs[0], splits[0])
-        _, first_gallery = load_split(config.runs[0], splits[1])
-        baseline = report.rank("pixels (baseline)", pixels[splits[0]][0], first_query, pixels[splits[1]][0],
-                               first_gallery)
+    if pixels is not None:  # the vectors of the first run's rows (pixel_vectors)
+        baseline = report.rank("pixels (baseline)", pixels[splits[0]][0], rankings[0].query_meta,
+                               pixels[splits[1]][0], rankings[0].gallery_meta)
     shown = rankings + ([baseline] if baseline else [])
     dataset, _ = load_processed(config.data or trained_data(config.runs[0]))
     photos = report.Photos(dataset)
