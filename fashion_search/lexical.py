@@ -38,16 +38,15 @@ def words(text: str) -> list[str]:
     return _stemmer().stemWords([t for t in TOKEN.findall(text) if t not in STOP_WORDS])
 
 
-_STEMMERS = {}
+_PER_THREAD = threading.local()  # a PyStemmer stemmer is not thread-safe: one per thread, gone with its thread
 
 
 def _stemmer():
     import Stemmer
 
-    key = threading.get_ident()  # a PyStemmer stemmer is not thread-safe: one per thread
-    if key not in _STEMMERS:
-        _STEMMERS[key] = Stemmer.Stemmer("english")
-    return _STEMMERS[key]
+    if not hasattr(_PER_THREAD, "stemmer"):
+        _PER_THREAD.stemmer = Stemmer.Stemmer("english")
+    return _PER_THREAD.stemmer
 
 
 def item_text(record: dict) -> str:
