@@ -105,8 +105,6 @@ def load_service(config: AppConfig, startup: Startup | None = None) -> tuple[Sea
         encoder = Encoder(str(run / "hf_model"), config.device, config.int8)
         catalog = catalog_from_run(run, encoder, config.dataset, config.cache_dir, config.index,
                                    config.embedding_actors, startup.report)
-        # the text index (a second or two for 40k items) is built beside the first queries, not before them
-        threading.Thread(target=catalog.words.current, daemon=True, name="text-index").start()
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", config.allow_private_urls,
                              calibration.load(run), config.min_confidence, combiner.load(run),
                              lexical.load_weights(run)), ""
@@ -129,6 +127,8 @@ def load_service(config: AppConfig, startup: Startup | None = None) -> tuple[Sea
 def go_live(front: Front, service: SearchService, notice: str = "", max_upload_mb: int = 10, page=True):
     """Hand the front the JSON routes (they answer from here on), then the page (Gradio's import and build take
     seconds that the JSON routes need not wait for)."""
+    # the text index (a second or two for 40k items) is built beside the first queries, for either kind of catalog
+    threading.Thread(target=service.catalog.words.current, daemon=True, name="text-index").start()
     front.serve_api(json_app(service, max_upload_mb * 2**20), len(service.catalog))
     if page:
         front.serve_page(page_app(service, notice, max_upload_mb))
