@@ -8,6 +8,7 @@ Usage: python app.py [--run runs/clip] [--dataset PATH] [--index faiss] [--host 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,8 @@ def serve(service: SearchService, notice="", host="127.0.0.1", port=7860, max_up
 
 def main(argv=None):
     config = parse_config(argv)
+    # a server's lines (listening, serving, compiled) reach its log as they happen, also when stdout is a file
+    sys.stdout.reconfigure(line_buffering=True)
     startup = Startup()
     server = Server(Front(startup), config.host, config.port)  # listening from here on: it says how far it has got
     print(f"listening on http://{config.host}:{config.port} (GET /api/status says how far the start has got)")
