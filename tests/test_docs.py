@@ -135,7 +135,7 @@ def test_every_python_example_runs(docs_app, monkeypatch):
 SCRIPTS = {"data_preparation.py": "data_preparation", "resnet.py": "resnet", "clip.py": "clip",
            "siamese.py": "siamese", "vae.py": "vae", "evaluation.py": "evaluation", "app.py": "app",
            "catalog.py": "catalog_admin", "-m fashion_search.cli.composed": "composed",
-           "-m fashion_search.cli.hybrid": "hybrid"}
+           "-m fashion_search.cli.hybrid": "hybrid", "-m fashion_search.cli.photo_attributes": "photo_attributes"}
 
 
 def script_lines() -> list[list[str]]:

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from fashion_search import calibration, combiner, lexical
+from fashion_search import attributes, calibration, combiner, lexical
 from fashion_search.data import HUB_DATASET
 from fashion_search.errors import UserError, cli
 from fashion_search.photos import pool as photos
@@ -104,11 +104,12 @@ def load_service(config: AppConfig, startup: Startup | None = None) -> tuple[Sea
     startup.begin("loading the model")
     if (run / "hf_model" / "config.json").exists():
         encoder = Encoder(str(run / "hf_model"), config.device, config.int8)
+        photo_attributes = attributes.load(run, encoder.dim)  # a broken file fails before the catalog is built
         catalog = catalog_from_run(run, encoder, config.dataset, config.cache_dir, config.index,
                                    config.embedding_actors, startup.report)
         return SearchService(encoder, catalog, f"fine-tuned CLIP ({run})", config.allow_private_urls,
                              calibration.load(run), config.min_confidence, combiner.load(run),
-                             lexical.load_weights(run)), ""
+                             lexical.load_weights(run), photo_attributes), ""
     notice = (f"No fine-tuned run at {run} (train one with `python clip.py`): using pretrained {config.model} "
               f"zero-shot.")
     print(notice)

@@ -110,19 +110,24 @@ class Catalog:
         return active
 
     def search(self, vector: np.ndarray, filters: dict | None = None, k: int = TOP_K, offset: int = 0,
-               collapse: bool = False) -> list[dict]:
-        """Results offset to offset + k by cosine similarity, best first. The store filters inside its search, so k
+               collapse: bool = False, rerank=None) -> list[dict]:
+        """Results offset to offset + k by cosine similarity, best first, or in the order ``rerank`` gives the first
+        ``rerank.depth`` hits (fashion_search.attributes.Reranker). The store filters inside its search, so k
         matching items come back whenever k exist; the pages of one query never overlap or skip."""
         check_page(k, offset)
         self.refresh()
         filters = self.check_filters(filters or {})
-        if not collapse:
+        if not collapse and rerank is None:
             return [result_record(hit) for hit in self.store.search(vector, k, filters, offset)]
         # Folded: pages of groups. The ranking is read deeper until it holds offset + k groups (or SEARCH_DEPTH
-        # items); groups of a prefix never change as it grows, so pages stay consistent.
-        depth = offset + k
+        # items); groups of a prefix never change as it grows, so pages stay consistent. A re-ranking reads at
+        # least its own depth, and leaves the hits after it in their order.
+        depth = offset + k if rerank is None else min(SEARCH_DEPTH, max(offset + k, rerank.depth))
         while True:
-            hits = self.store.search(vector, depth, filters, vectors=True)
+            hits = self.store.search(vector, depth, filters, vectors=collapse)
+            hits = hits if rerank is None else rerank(hits)
+            if not collapse:
+                return [result_record(hit) for hit in hits[offset:offset + k]]
             groups = duplicates.fold(np.stack([hit.vector for hit in hits]), self.duplicate_cosine) if hits else []
             if len(groups) >= offset + k or len(hits) < depth or depth >= SEARCH_DEPTH:
                 break

@@ -54,8 +54,9 @@ class SearchService:
 
     def __init__(self, encoder: Encoder, catalog: Catalog, model_name: str, allow_private_urls=False,
                  calibration: dict | None = None, min_confidence: float = MIN_CONFIDENCE, combiner=None,
-                 lexical_weights: dict | None = None):
+                 lexical_weights: dict | None = None, attributes=None):
         self.encoder, self.catalog, self.model_name = encoder, catalog, model_name
+        self.attributes = attributes  # fashion_search.attributes.AttributeModel: photo searches that see colour
         # the catalog's words against the embedding in hybrid rankings, per kind of query (lexical.load_weights)
         self.lexical_weights = lexical_weights or {kind: LEXICAL_WEIGHT for kind in QUERY_KINDS}
         self.combiner = combiner  # fashion_search.combiner.Combiner, for "this photo + words"
@@ -89,13 +90,21 @@ class SearchService:
         count = len(self.page_columns)
         return tuple(values[:count]), parse_mode(values[count] if len(values) > count else None)
 
-    def rank(self, vector, filters: dict | None = None, k=TOP_K, offset=0, kind="photo", collapse=False
-             ) -> list[dict]:
+    def rank(self, vector, filters: dict | None = None, k=TOP_K, offset=0, kind="photo", collapse=False,
+             pixels=None) -> list[dict]:
         """Results offset to offset + k for an embedding, each with its match confidence where the run is calibrated
         for this kind of query (photo, text, composed): ``confidence`` (how likely it shares the query's article
         type) and ``close_match`` (confidence at least min_confidence). With ``collapse``, near-duplicates of a
-        result are folded into it (``duplicates``: their ids)."""
-        return self.confident(self.catalog.search(vector, filters, k, offset, collapse), kind)
+        result are folded into it (``duplicates``: their ids). A photo's ``pixels`` (uint8 [3, S, S]) re-rank the
+        results by the type and colour they predict where the run has an attribute model (kind "photo
+        attributes")."""
+        if pixels is None or self.attributes is None:
+            return self.confident(self.catalog.search(vector, filters, k, offset, collapse), kind)
+        from fashion_search.attributes import Reranker, colour_features
+
+        probabilities = self.attributes.colour_probabilities(colour_features(pixels[None]), vector[None])[0]
+        results = self.catalog.search(vector, filters, k, offset, collapse, Reranker(self.attributes, probabilities))
+        return self.confident(results, "photo attributes")
 
     def confident(self, results: list[dict], kind: str) -> list[dict]:
         """The results with their confidence where the run is calibrated for this kind of query."""
@@ -134,6 +143,12 @@ class SearchService:
             results = self.catalog.search_words(None, query.words, query.filters, query.k, query.offset,
                                                 query.collapse, "lexical")
             return self.confident(results, "text lexical" if text_only else "composed lexical")
+        if self.attributes is not None and len(query.parts) == 1 and query.parts[0].kind in ("photo", "url"):
+            part = query.parts[0]  # one photo: searched by what it looks like, its type and colour included
+            pixels = self.encoder.decode(part.value if part.kind == "photo" else self.fetch_all([part.value])[0],
+                                         query.box)
+            vector = self.encoder.embed_many([pixels])[0]
+            return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse, pixels)
         vector = self.query_vector(query)
         if query.ranking == "hybrid":
             results = self.catalog.search_words(vector, query.words, query.filters, query.k, query.offset,
@@ -202,9 +217,9 @@ class SearchService:
                 answers.append(None)
             except QueryError as exc:
                 answers.append({"error": str(exc)})
-        vectors = iter(self.encoder.embed_many(pixels))
+        decoded, vectors = iter(pixels), iter(self.encoder.embed_many(pixels))
         return [answer or self.answer(self.rank(next(vectors), filters, query.k, query.offset, "photo",
-                                                query.collapse)) for answer in answers]
+                                                query.collapse, next(decoded))) for answer in answers]
 
     def search_image_file(self, path, *filters, offset=0):
         return self.search_image_bytes(read_upload(path), *filters, offset=offset)
