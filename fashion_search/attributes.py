@@ -6,7 +6,7 @@ P(type | query) is the vote of those results' own article types, each weighted b
 neighbour classifier over the catalog's labels. P(colour | query) is a logistic regression on the photo's colour
 histogram (its pixels that are not white background) and its embedding, fitted on the train split's photos and their
 baseColour. Both sides read the result's own columns, so a user's catalog with those columns is re-ranked alike (an
-item without them takes the floor). The weights are chosen on val by ``python -m fashion_search.cli.attributes RUN``,
+item without a colour the model knows counts every colour as equally likely). The weights are chosen on val by ``python -m fashion_search.cli.attributes RUN``,
 which writes the model to RUN/attributes.safetensors (safetensors: loading runs no code)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fashion_search.errors import UserError
 
 FILE = "attributes.safetensors"
 DEPTH = 100  # results re-ranked; later pages follow in cosine order, so pages never overlap or skip
-TYPE_FLOOR, COLOUR_FLOOR = 1e-3, 1e-4  # log(0) guards: a type no neighbour has, a colour the model never saw
+TYPE_FLOOR, COLOUR_FLOOR = 1e-3, 1e-4  # log(0) guards
 BACKGROUND = 235 / 255  # a pixel whose every channel is at least this is the photo's white background (or padding)
 HUES, SATURATIONS, VALUES, GREYS = 18, 3, 3, 8
 HISTOGRAM = HUES * SATURATIONS * VALUES + GREYS
@@ -102,7 +102,8 @@ class AttributeModel:
         type_share = votes[rows, codes] / np.maximum(votes.sum(1, keepdims=True), 1e-12)
         known = {colour: i for i, colour in enumerate(self.colours)}
         places = np.vectorize(lambda c: known.get(c, -1), otypes=[int])(colours)
-        colour_share = np.where(places >= 0, probabilities[rows, np.maximum(places, 0)], 0)
+        # a colour the model does not know (or none): as likely as any, so that it neither helps nor sinks the item
+        colour_share = np.where(places >= 0, probabilities[rows, np.maximum(places, 0)], 1 / len(self.colours))
         return np.where(valid, scores + self.type_weight * np.log(type_share + TYPE_FLOOR)
                         + self.colour_weight * np.log(colour_share + COLOUR_FLOOR), -np.inf)
 

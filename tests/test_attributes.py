@@ -37,7 +37,7 @@ def loop_combined(model, scores, types, colours, probabilities, voters):
     weights = [np.exp((s - scores[0]) / model.tau) if i < voters else 0.0 for i, s in enumerate(scores)]
     for i in range(len(scores)):
         share = sum(w for w, t in zip(weights, types) if t == types[i]) / sum(weights)
-        colour = probabilities[model.colours.index(colours[i])] if colours[i] in model.colours else 0.0
+        colour = probabilities[model.colours.index(colours[i])] if colours[i] in model.colours else 1 / 3
         out[i] = scores[i] + model.type_weight * np.log(share + attributes.TYPE_FLOOR) + \
             model.colour_weight * np.log(colour + attributes.COLOUR_FLOOR)
     return out

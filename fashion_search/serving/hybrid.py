@@ -41,15 +41,27 @@ class Words:
         return [key for key, _ in self.index.search(text, depth, allowed)]
 
 
+class StoreWords:
+    """The words of a store that ranks them itself (stores' ranks_words: BM25 inside a Milvus server)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def search(self, text: str, filters: dict, depth: int) -> list[str]:
+        return self.store.search_words(text, depth, filters)
+
+
 class CatalogWords:
     """A catalog's current Words, built at first use and again for each new version of the store (where the store
-    cannot tell its version: at most every REREAD_SECONDS)."""
+    cannot tell its version: at most every REREAD_SECONDS); the store's own where it ranks words itself."""
 
     def __init__(self, store):
         self.store, self._words, self._version, self._read_at = store, None, None, 0.0
         self._lock = threading.Lock()
 
-    def current(self) -> Words:
+    def current(self) -> Words | StoreWords:
+        if self.store.ranks_words:
+            return StoreWords(self.store)
         with self._lock:
             version = self.store.version
             stale = version is None and time.monotonic() - self._read_at > REREAD_SECONDS

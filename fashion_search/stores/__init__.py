@@ -68,6 +68,9 @@ class VectorStore(Protocol):
     # cannot tell (Milvus: every search asks the server), so that what is derived from all items (the text index) is
     # re-read now and then instead.
     version: int | None
+    # Whether the store ranks its items' words itself (search_words: Milvus 2.5+ and Lite, BM25 in the server);
+    # where it does not, the app builds a BM25 index of its own from records() (serving.hybrid).
+    ranks_words: bool
 
     def build(self, fingerprint: str, keys: Sequence[str], vectors: np.ndarray, records: Sequence[dict]) -> None:
         """Hold exactly these items, built in bulk (the base catalog), under this fingerprint."""

@@ -31,6 +31,8 @@ COMPACT_AT_DEAD_FRACTION = 0.25
 
 
 class FaissStore:
+    ranks_words = False  # the app ranks this store's words with an index of its own (serving.hybrid)
+
     def __init__(self, folder: Path, dim: int, state: State):
         self.folder, self.dim, self._state = Path(folder), dim, state
         self._position = state.position()

@@ -6,6 +6,12 @@
 
 Options follow a ``?``: ``index=FLAT|HNSW|DISKANN`` and ``consistency=Strong|Bounded|Session|Eventually``.
 
+Words. Where the server ranks text itself (Milvus 2.5 and later, and Milvus Lite: a BM25 function over a ``words``
+field into a sparse vector), a new collection holds each item's words, normalised and stemmed as the app's own
+index has them (fashion_search.lexical.words), and on a server the app's lexical side asks it, inside its filters.
+On Milvus Lite (brute force), on a server without it (2.4 and older), or with a collection created without it, the
+app builds its own BM25 index from the records (serving.hybrid), re-read at most every minute.
+
 Consistency, per call. Searches and look-ups use Bounded by default: they do not wait for the server's time tick
 (a Strong search waits for it, a few hundred ms), so an item written by another process (catalog.py) shows up
 within the server's staleness bound, seconds, rather than at once. ``count`` and the end of ``build`` use Strong: they
@@ -22,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from fashion_search.errors import UserError
+from fashion_search.lexical import item_text, words
 from fashion_search.stores import (FILTER_COLUMNS, MAX_KEY_BYTES, SEARCH_DEPTH, Hit, OtherCatalog, as_match, chunks,
                                    filter_values, source_of)
 from fashion_search.stores.faiss_index import HNSW_EF_CONSTRUCTION, HNSW_M
@@ -30,6 +37,7 @@ DEFAULT_COLLECTION = "fashion_catalog"
 FILTERS_KEY = "_filters"  # inside each stored record: its filter columns beyond the scalar fields, as text
 FINGERPRINT_PROPERTY = "fashion_search.fingerprint"  # set once the base catalog is completely written
 KEY_LENGTH, TEXT_LENGTH = MAX_KEY_BYTES, 1024
+WORDS_LENGTH = 8192  # bytes of an item's words in the server's text field (its first words, where it has more)
 WRITE_BATCH = 1_000
 HNSW_PARAMS = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}  # as the FAISS store's graph
 SEARCH_EF = 64
@@ -92,11 +100,27 @@ def keys_expression(keys) -> str:
     return f"key in [{', '.join(string_literal(key) for key in keys)}]"
 
 
+def item_words(record: dict) -> str:
+    """An item's words as the server's text field holds them: its normalised, stemmed tokens, space-separated."""
+    return " ".join(words(item_text(record))).encode()[:WORDS_LENGTH].decode(errors="ignore")
+
+
+def holds_words(described: dict) -> bool:
+    """Whether a collection ranks words itself: it has the words field and its BM25 function."""
+    return any(field["name"] == "sparse" for field in described.get("fields", ())) and \
+        any(getattr(function.get("type"), "name", None) == "BM25" for function in described.get("functions") or ())
+
+
 class MilvusStore:
     version = None  # the server's collection changes without telling
+
     def __init__(self, client, target: dict, dim: int, fingerprint: str):
         self.client, self.target, self.dim, self.fingerprint = client, target, dim, fingerprint
         self.collection = target["collection"]
+        # Milvus Lite has the BM25 function but searches by brute force, far slower than the app's own index
+        # (BENCHMARKS.md, section 15), so the app ranks a Lite catalog's words
+        self.has_words = holds_words(client.describe_collection(self.collection))
+        self.ranks_words = self.has_words and not target["lite"]
 
     @classmethod
     def open(cls, spec: str, dim: int, fingerprint: str, create: bool = True) -> "MilvusStore":
@@ -157,7 +181,8 @@ class MilvusStore:
         keys, records = list(keys), list(records)
         for part in chunks(len(keys), WRITE_BATCH):
             rows = [{"key": key, "vector": vector.tolist(), "record": self._record(record),
-                     **{c: v for c, v in filter_values(record).items() if c in FILTER_COLUMNS}}
+                     **{c: v for c, v in filter_values(record).items() if c in FILTER_COLUMNS},
+                     **({"words": item_words(record)} if self.has_words else {})}
                     for key, vector, record in zip(keys[part], vectors[part], records[part])]
             self.client.upsert(self.collection, rows)
 
@@ -196,6 +221,18 @@ class MilvusStore:
         # hit.id: the primary key, which servers return as "id" and Milvus Lite under its field name
         return [Hit(hit.id, float(hit["distance"]), public(hit["entity"]["record"]),
                     np.asarray(hit["entity"]["vector"], dtype=np.float32) if vectors else None) for hit in found[0]]
+
+    def search_words(self, text: str, k: int, filters=None) -> list[str]:
+        """Keys of the k items whose words best match the text's (BM25, in the server), among those every filter
+        matches. The words are data the server's analyzer splits, never expression text."""
+        tokens = " ".join(words(text))
+        if k <= 0 or not tokens:
+            return []
+        found = self.client.search(self.collection, [tokens], anns_field="sparse", limit=k,
+                                   filter=filter_expression(filters), output_fields=["key"],
+                                   search_params={"metric_type": "BM25"},
+                                   consistency_level=self.target["consistency"])
+        return [hit.id for hit in found[0]]
 
     def count(self) -> int:
         rows = self.client.query(self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
@@ -244,7 +281,22 @@ class MilvusStore:
 
 
 def create_collection(client, name: str, dim: int, index: str):
-    from pymilvus import DataType, MilvusClient
+    """A new collection; with the words field and its BM25 function where the server has them."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        client.create_collection(name, **collection_schema(client, dim, index, with_words=True))
+        if holds_words(client.describe_collection(name)):
+            return
+        client.drop_collection(name)  # a server that took the schema but not the function
+    except MilvusException:  # a server before 2.5: no BM25 function (or no sparse vectors)
+        if client.has_collection(name):
+            client.drop_collection(name)
+    client.create_collection(name, **collection_schema(client, dim, index, with_words=False))
+
+
+def collection_schema(client, dim: int, index: str, with_words: bool) -> dict:
+    from pymilvus import DataType, Function, FunctionType, MilvusClient
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_LENGTH)
@@ -255,4 +307,12 @@ def create_collection(client, name: str, dim: int, index: str):
     params = client.prepare_index_params()
     params.add_index("vector", index_type=index, index_name="vector", metric_type="IP",
                      params=HNSW_PARAMS if index == "HNSW" else {})
-    client.create_collection(name, schema=schema, index_params=params)
+    if with_words:
+        # the words arrive normalised and stemmed (item_words): the standard analyzer only splits them
+        schema.add_field("words", DataType.VARCHAR, max_length=WORDS_LENGTH, enable_analyzer=True,
+                         analyzer_params={"tokenizer": "standard"})
+        schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_function(Function(name="words_bm25", function_type=FunctionType.BM25,
+                                     input_field_names=["words"], output_field_names=["sparse"]))
+        params.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", index_name="sparse", metric_type="BM25")
+    return {"schema": schema, "index_params": params}
