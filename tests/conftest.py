@@ -319,3 +319,54 @@ def server():
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
+
+
+# The vector stores' backends (tests/test_stores.py, tests/test_store_words.py)
+STORE_DIM = 16
+STORE_COLOURS = ("Red", "Blue", "Green")
+
+
+def store_items(count, start=0, seed=0):
+    """(keys, unit vectors [count, STORE_DIM], records) of a store test's items."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((count, STORE_DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = [str(start + i) for i in range(count)]
+    records = [{"id": start + i, "productDisplayName": f"item {start + i}", "baseColour": STORE_COLOURS[i % 3],
+                "articleType": "Shirts" if i % 2 else "Watches", "gender": "Men"} for i in range(count)]
+    return keys, vectors, records
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A Milvus standalone server on a free loopback port for this session, stopped at the end with nothing left
+    running."""
+    milvus = pytest.importorskip("milvus")
+    server = milvus.default_server
+    server.set_base_dir(str(tmp_path_factory.mktemp("milvus-server")))
+    server.listen_port = free_port()
+    server.start()
+    yield f"milvus://127.0.0.1:{server.listen_port}"
+    server.stop()
+    left = subprocess.run(["pgrep", "-f", "milvus run standalone"], capture_output=True, text=True).stdout.split()
+    assert not left, f"milvus processes left running: {left}"
+
+
+BACKENDS = ["faiss", "lite", pytest.param("server", marks=pytest.mark.slow)] + (
+    ["env"] if os.environ.get("MILVUS_URI") else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def spec(request, tmp_path):
+    """(spec, folder) of an exact (FLAT) configuration of each backend, fresh for each test."""
+    if request.param == "faiss":
+        return "faiss", tmp_path / "index"
+    pytest.importorskip("pymilvus")
+    collection = f"contract_{request.node.name.split('[')[0][-20:]}_{os.getpid()}"
+    if request.param == "lite":
+        return f"milvus:{tmp_path / 'catalog.db'}?index=FLAT&consistency=Strong", tmp_path
+    if request.param == "server":
+        base = request.getfixturevalue("milvus_server")
+    else:
+        base = os.environ["MILVUS_URI"].rstrip("/").replace("http://", "milvus://")
+    return f"{base}/{collection}?index=FLAT&consistency=Strong", tmp_path

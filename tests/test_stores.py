@@ -3,62 +3,15 @@ loopback (the `milvus` package's embedded standalone server), and the server MIL
 import multiprocessing
 import os
 import signal
-import subprocess
 import threading
 
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import STORE_COLOURS as COLOURS, STORE_DIM, store_items as items
 from fashion_search.stores import faiss_index, faiss_store, faiss_versions, open_store
 
-DIM = 16
-COLOURS = ("Red", "Blue", "Green")
-
-
-def items(count, start=0, seed=0):
-    rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((count, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    keys = [str(start + i) for i in range(count)]
-    records = [{"id": start + i, "productDisplayName": f"item {start + i}", "baseColour": COLOURS[i % 3],
-                "articleType": "Shirts" if i % 2 else "Watches", "gender": "Men"} for i in range(count)]
-    return keys, vectors, records
-
-
-@pytest.fixture(scope="session")
-def milvus_server(tmp_path_factory):
-    """A Milvus standalone server on a free loopback port for this session, stopped at the end with nothing left
-    running."""
-    milvus = pytest.importorskip("milvus")
-    server = milvus.default_server
-    server.set_base_dir(str(tmp_path_factory.mktemp("milvus-server")))
-    server.listen_port = free_port()
-    server.start()
-    yield f"milvus://127.0.0.1:{server.listen_port}"
-    server.stop()
-    left = subprocess.run(["pgrep", "-f", "milvus run standalone"], capture_output=True, text=True).stdout.split()
-    assert not left, f"milvus processes left running: {left}"
-
-
-BACKENDS = ["faiss", "lite", pytest.param("server", marks=pytest.mark.slow)] + (
-    ["env"] if os.environ.get("MILVUS_URI") else [])
-
-
-@pytest.fixture(params=BACKENDS)
-def spec(request, tmp_path):
-    """(spec, folder) of an exact (FLAT) configuration of each backend, fresh for each test."""
-    if request.param == "faiss":
-        return "faiss", tmp_path / "index"
-    pytest.importorskip("pymilvus")
-    collection = f"contract_{request.node.name.split('[')[0][-20:]}_{os.getpid()}"
-    if request.param == "lite":
-        return f"milvus:{tmp_path / 'catalog.db'}?index=FLAT&consistency=Strong", tmp_path
-    if request.param == "server":
-        base = request.getfixturevalue("milvus_server")
-    else:
-        base = os.environ["MILVUS_URI"].rstrip("/").replace("http://", "milvus://")
-    return f"{base}/{collection}?index=FLAT&consistency=Strong", tmp_path
+DIM = STORE_DIM
 
 
 def brute_force(vectors, query, k, allowed=None):
@@ -394,42 +347,3 @@ def test_pages_of_25_concatenated_equal_one_query_of_100(spec, request):
         filtered = [hit.key for hit in store.search(query, 40, {"baseColour": "Red"})]
         paged = [hit.key for offset in (0, 20) for hit in store.search(query, 20, {"baseColour": "Red"}, offset)]
         assert paged == filtered
-
-
-def test_words_rank_inside_the_server_where_it_can_and_beside_the_store_where_not(spec, request):
-    """The lexical side of a catalog over each backend: a Milvus server of 2.5 on ranks the items' words with its own
-    BM25 function (Milvus Lite has it too, asked here directly); FAISS, Lite and older servers through the app's own
-    index. Either way a query's words find the items holding them, inside the filters, and words are never
-    expression text."""
-    from fashion_search.serving.hybrid import CatalogWords, StoreWords
-
-    store = open_store(*spec, DIM, "run#1")
-    keys, vectors, records = items(12)
-    for i, record in enumerate(records):
-        record["productDisplayName"] = ["Leather Wallets", "Cotton T-Shirt", "Steel Watch"][i % 3] + f" {i}"
-    store.build("run#1", keys, vectors, records)
-    backend = request.node.callspec.params["spec"]
-    assert store.ranks_words is False or backend not in ("faiss", "lite")  # Lite: the app's index is the faster
-    searchers = [CatalogWords(store).current()]
-    if backend == "server":
-        assert not store.has_words  # Milvus 2.3: no BM25 function, the collection was made without words
-    if backend == "lite":
-        assert store.has_words  # the words field and its BM25 function: asked as a 2.5 server's would be
-        store.ranks_words = True
-        searchers.append(CatalogWords(store).current())
-        assert isinstance(searchers[-1], StoreWords)
-    for words in searchers:
-        check_words(words, keys, records)
-    store.close()
-
-
-def check_words(words, keys, records):
-    from fashion_search.stores import Match
-
-    wallets = {key for key, record in zip(keys, records) if "Wallets" in record["productDisplayName"]}
-    assert set(words.search("leather wallet", {}, 20)) == wallets
-    assert set(words.search("t-shirts", {}, 20)) == {k for k, r in zip(keys, records) if "T-Shirt" in
-                                                      r["productDisplayName"]}  # stems and joined words meet
-    red = {key for key, record in zip(keys, records) if record["baseColour"] == "Red"}
-    assert set(words.search("wallet", {"baseColour": Match(("Red",))}, 20)) == wallets & red
-    assert words.search("\" or key != \"", {}, 20) == [] and words.search("the of", {}, 20) == []
