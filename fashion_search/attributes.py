@@ -11,7 +11,7 @@ which writes the model to RUN/attributes.safetensors (safetensors: loading runs 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +108,6 @@ class AttributeModel:
                         + self.colour_weight * np.log(colour_share + COLOUR_FLOOR), -np.inf)
 
     def with_weights(self, type_weight: float, colour_weight: float, tau: float) -> "AttributeModel":
-        from dataclasses import replace
-
         return replace(self, type_weight=type_weight, colour_weight=colour_weight, tau=tau)
 
 
@@ -124,8 +122,6 @@ class Reranker:
     def __call__(self, hits: list) -> list:
         if not hits:
             return hits
-        from dataclasses import replace
-
         column = lambda name: np.asarray([[hit.record.get(name) for hit in hits]], dtype=object)  # noqa: E731
         combined = self.model.combined(np.asarray([[hit.score for hit in hits]]), column("articleType"),
                                        column("baseColour"), self.probabilities[None], self.depth)[0]

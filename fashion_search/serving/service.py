@@ -143,13 +143,12 @@ class SearchService:
             results = self.catalog.search_words(None, query.words, query.filters, query.k, query.offset,
                                                 query.collapse, "lexical")
             return self.confident(results, "text lexical" if text_only else "composed lexical")
-        if self.attributes is not None and len(query.parts) == 1 and query.parts[0].kind in ("photo", "url"):
-            part = query.parts[0]  # one photo: searched by what it looks like, its type and colour included
-            pixels = self.encoder.decode(part.value if part.kind == "photo" else self.fetch_all([part.value])[0],
-                                         query.box)
-            vector = self.encoder.embed_many([pixels])[0]
-            return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse, pixels)
-        vector = self.query_vector(query)
+        pixels = self.part_pixels(query.parts, query.box)
+        if self.attributes is not None and len(query.parts) == 1 and pixels[0] is not None:
+            # one photo: searched by what it looks like, its type and colour included
+            vector = self.part_vectors(query.parts, pixels=pixels)[0]
+            return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse, pixels[0])
+        vector = self.query_vector(query, pixels)
         if query.ranking == "hybrid":
             results = self.catalog.search_words(vector, query.words, query.filters, query.k, query.offset,
                                                 query.collapse, "hybrid",
@@ -157,10 +156,11 @@ class SearchService:
             return self.confident(results, query.kind)
         return self.rank(vector, query.filters, query.k, query.offset, query.kind, query.collapse)
 
-    def query_vector(self, query: Query) -> np.ndarray:
+    def query_vector(self, query: Query, pixels=None) -> np.ndarray:
         """The weighted sum of the parts' unit embeddings, made unit again; or, for one photo (URL, item) and one
-        text part of positive weight where the run has a combiner, the combiner's output."""
-        vectors = self.part_vectors(query.parts, query.box)
+        text part of positive weight where the run has a combiner, the combiner's output. ``pixels``: the parts'
+        photos, where part_pixels has decoded them."""
+        vectors = self.part_vectors(query.parts, query.box, pixels)
         kinds = [part.kind for part in query.parts]
         if self.combiner is not None and len(kinds) == 2 and kinds[1] == "text" and kinds[0] != "text" and \
                 query.parts[1].weight > 0:
@@ -175,17 +175,21 @@ class SearchService:
             vector = total / norm
         return vector
 
-    def part_vectors(self, parts, box=None) -> list[np.ndarray]:
-        """Each part's unit embedding. URL parts (at most query.MAX_URL_PARTS) are fetched together, under one
-        deadline for the whole query."""
+    def part_pixels(self, parts, box=None) -> list[np.ndarray | None]:
+        """Each photo or URL part's photo decoded through the gate (uint8 [3, S, S]); None for the other parts. URL
+        parts (at most query.MAX_URL_PARTS) are fetched together, under one deadline for the whole query."""
         urls = [part.value for part in parts if part.kind == "url"]
         fetched = iter(self.fetch_all(urls)) if urls else None
+        return [self.encoder.decode(part.value if part.kind == "photo" else next(fetched), box)
+                if part.kind in ("photo", "url") else None for part in parts]
+
+    def part_vectors(self, parts, box=None, pixels=None) -> list[np.ndarray]:
+        """Each part's unit embedding (its photo decoded by part_pixels, unless ``pixels`` holds them already)."""
+        pixels = self.part_pixels(parts, box) if pixels is None else pixels
         vectors = []
-        for part in parts:
-            if part.kind == "photo":
-                vectors.append(self.encoder.embed_image(part.value, box))
-            elif part.kind == "url":
-                vectors.append(self.encoder.embed_image(next(fetched), box))
+        for part, photo in zip(parts, pixels):
+            if photo is not None:
+                vectors.append(self.encoder.embed_many([photo])[0])
             elif part.kind == "item":
                 vectors.append(self.catalog.vector(part.value))
             else:
